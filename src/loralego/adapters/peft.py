@@ -1,0 +1,333 @@
+"""Read and write PEFT LoRA adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import LoraLegoError
+from .atomic import atomic_folder
+from .base import Adapter, ModuleInfo, natural_key
+from .safetensors_stream import SafetensorsStreamWriter
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
+
+# Tensor-name fragments of adapters that are not plain LoRA, and what to call them in the refusal.
+_UNSUPPORTED_KEYS = {
+    "lora_magnitude_vector": "DoRA (use_dora)",
+    "lora_embedding_A": "LoRA on embedding layers",
+    "lora_embedding_B": "LoRA on embedding layers",
+    "hada_w": "LoHa",
+    "lokr_w": "LoKr",
+    "ia3_l": "IA3",
+    "lora_E": "AdaLoRA",
+    "modules_to_save": "modules_to_save (fully trained modules)",
+}
+
+# Config keys whose non-default values mean the adapter is not plain LoRA.
+_UNSUPPORTED_CONFIG: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("use_dora", bool, "DoRA (use_dora)"),
+    ("bias", lambda v: v not in (None, "none"), "LoRA with bias"),
+    ("lora_bias", bool, "LoRA with bias (lora_bias)"),
+    ("modules_to_save", bool, "modules_to_save (fully trained modules)"),
+    ("trainable_token_indices", bool, "trainable_token_indices"),
+    ("use_qalora", bool, "QA-LoRA"),
+]
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LoraLegoError(f"{path}: missing (not a PEFT adapter folder)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise LoraLegoError(f"{path}: cannot read: {error}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LoraLegoError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(config, dict):
+        raise LoraLegoError(f"{path}: expected a JSON object")
+    return config
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    where = path / CONFIG_NAME
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise LoraLegoError(f"{where}: peft_type {peft_type!r} is not supported (only plain LoRA can be merged)")
+    for key, is_set, feature in _UNSUPPORTED_CONFIG:
+        if is_set(config.get(key)):
+            raise LoraLegoError(f"{where}: {feature} is not supported (only plain LoRA can be merged)")
+    for key, kinds in (("r", (int,)), ("lora_alpha", (int, float))):
+        if key not in config:
+            raise LoraLegoError(f"{where}: missing key {key!r}")
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise LoraLegoError(f"{where}: key {key!r} must be a number, got {value!r}")
+        if value <= 0 and key == "r":
+            raise LoraLegoError(f"{where}: key 'r' must be >= 1, got {value}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = config.get(key) or {}
+        if not isinstance(value, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise LoraLegoError(f"{where}: key {key!r} must map module patterns to numbers")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise LoraLegoError(f"{where}: key {key!r} must be true or false")
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _SafetensorsFile:
+    """Lazy access to one safetensors file: shapes from the header, tensors on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._handle = safe_open(str(path), framework="pt")
+            self.keys = list(self._handle.keys())
+            self.shapes = {key: tuple(self._handle.get_slice(key).get_shape()) for key in self.keys}
+            self.dtypes = {key: _DTYPES.get(self._handle.get_slice(key).get_dtype()) for key in self.keys}
+            self.metadata = self._handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise LoraLegoError(f"{path}: not a readable safetensors file ({_one_line(error)})") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise LoraLegoError(f"{self.path}: tensor {key}: cannot read ({_one_line(error)})") from None
+
+
+class _BinFile:
+    """A legacy ``adapter_model.bin``: loaded with ``weights_only=True`` so no code in it can run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+            raise LoraLegoError(
+                f"{path}: refused: not a plain tensor checkpoint (loaded with weights_only=True: {_one_line(error)})"
+            ) from None
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise LoraLegoError(f"{path}: refused: expected a mapping of names to tensors")
+        self._state = state
+        self.keys = list(state)
+        self.shapes = {key: tuple(value.shape) for key, value in state.items()}
+        self.dtypes: dict[str, torch.dtype | None] = {key: value.dtype for key, value in state.items()}
+        self.metadata: dict[str, str] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _parse_keys(keys: Iterable[str], path: Path) -> dict[str, dict[str, str]]:
+    """Group tensor names by module: ``{module: {"A": key, "B": key}}``; refuse anything else."""
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
+        for fragment, feature in _UNSUPPORTED_KEYS.items():
+            if fragment in key:
+                raise LoraLegoError(f"{path}: tensor {key}: {feature} is not supported (only plain LoRA)")
+        match = _FACTOR_KEY.match(key)
+        if match is None:
+            if key.endswith(".bias") and ".lora_" in key:
+                raise LoraLegoError(f"{path}: tensor {key}: LoRA with bias is not supported (only plain LoRA)")
+            raise LoraLegoError(f"{path}: tensor {key}: not a LoRA factor (expected '<module>.lora_A.weight')")
+        module = match["module"].removeprefix(PREFIX)
+        slot = modules.setdefault(module, {})
+        if match["which"] in slot:
+            raise LoraLegoError(f"{path}: tensor {key}: module {module} has two lora_{match['which']} tensors")
+        slot[match["which"]] = key
+    return modules
+
+
+def load_peft(folder: str | Path, name: str | None = None) -> Adapter:
+    """Open a PEFT LoRA folder lazily: config and tensor headers are read and checked, tensors are not."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise LoraLegoError(f"{folder}: no such file or folder")
+    if not folder.is_dir():
+        raise LoraLegoError(f"{folder}: expected a PEFT adapter folder")
+    config = _read_config(folder)
+    _check_config(config, folder)
+    if (folder / SAFETENSORS_NAME).exists():
+        weights: _SafetensorsFile | _BinFile = _SafetensorsFile(folder / SAFETENSORS_NAME)
+    elif (folder / BIN_NAME).exists():
+        weights = _BinFile(folder / BIN_NAME)
+    else:
+        raise LoraLegoError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME}")
+    groups = _parse_keys(weights.keys, weights.path)
+    if not groups:
+        raise LoraLegoError(f"{weights.path}: holds no LoRA tensors")
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: dict[str, ModuleInfo] = {}
+    dtypes: set[torch.dtype] = set()
+    for module in sorted(groups, key=natural_key):
+        keys = groups[module]
+        for which in ("A", "B"):
+            if which not in keys:
+                raise LoraLegoError(f"{weights.path}: module {module} has no lora_{which} tensor")
+        a_shape, b_shape = weights.shapes[keys["A"]], weights.shapes[keys["B"]]
+        for key in (keys["A"], keys["B"]):
+            dtype = weights.dtypes[key]
+            if dtype not in _DTYPES.values():
+                raise LoraLegoError(f"{weights.path}: tensor {key}: not a floating-point tensor")
+            dtypes.add(dtype)
+        _check_shapes(module, a_shape, b_shape, weights.path)
+        rank = a_shape[0]
+        expected_rank = pattern_value(rank_pattern, module, config["r"])
+        if rank != expected_rank:
+            raise LoraLegoError(
+                f"{weights.path}: tensor {keys['A']}: rank {rank} disagrees with the config's r = {expected_rank}"
+            )
+        alpha = float(pattern_value(alpha_pattern, module, config["lora_alpha"]))
+        if not math.isfinite(alpha) or alpha == 0:
+            raise LoraLegoError(f"{folder / CONFIG_NAME}: lora_alpha of {module} must be a finite non-zero number")
+        modules[module] = ModuleInfo(module, rank=rank, alpha=alpha, a_shape=a_shape, b_shape=b_shape)
+
+    def loader(module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = groups[module]
+        lora_a, lora_b = weights.get(keys["A"]), weights.get(keys["B"])
+        for key, tensor in ((keys["A"], lora_a), (keys["B"], lora_b)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise LoraLegoError(f"{weights.path}: tensor {key}: contains NaN or Inf")
+        return lora_a, lora_b
+
+    # Mixed dtypes inside one file are written back as float32 rather than narrowed.
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return Adapter(
+        name=name or folder.resolve().name,
+        modules=modules,
+        loader=loader,
+        dtype=dtype,
+        config=config,
+        path=folder,
+        format="peft",
+        sha256=file_sha256(weights.path),
+        use_rslora=bool(config.get("use_rslora", False)),
+        metadata=dict(weights.metadata),
+    )
+
+
+def _check_shapes(module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], path: Path) -> None:
+    linear = len(a_shape) == 2 and len(b_shape) == 2
+    conv = len(a_shape) == 4 and len(b_shape) == 4 and b_shape[2:] == (1, 1)
+    if not (linear or conv):
+        raise LoraLegoError(
+            f"{path}: module {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} are not LoRA factor shapes"
+        )
+    if a_shape[0] != b_shape[1]:
+        raise LoraLegoError(f"{path}: module {module}: lora_A has rank {a_shape[0]} but lora_B has rank {b_shape[1]}")
+    if a_shape[0] == 0 or 0 in a_shape or 0 in b_shape:
+        raise LoraLegoError(f"{path}: module {module}: rank 0 or empty factor")
+
+
+def merged_config(
+    template: dict[str, Any], ranks: dict[str, int], target_modules: list[str] | str, main_rank: int | None = None
+) -> dict[str, Any]:
+    """The config of a scale-1 merged adapter: ``lora_alpha = r`` for every module.
+
+    ``r`` is ``main_rank`` (the requested k) or else the most common rank; modules of other ranks go to
+    ``rank_pattern`` / ``alpha_pattern``
+    (keys are full module names, which PEFT matches as suffixes).
+    """
+    counts: dict[int, int] = {}
+    for rank in ranks.values():
+        counts[rank] = counts.get(rank, 0) + 1
+    if main_rank is None:
+        main_rank = max(sorted(counts), key=lambda rank: counts[rank]) if counts else 1
+    pattern = {module: rank for module, rank in ranks.items() if rank != main_rank}
+    config = {
+        key: value
+        for key, value in template.items()
+        if key not in ("layers_to_transform", "layers_pattern", "megatron_config", "loftq_config", "eva_config")
+    }
+    config.update(
+        {
+            "peft_type": "LORA",
+            "r": main_rank,
+            "lora_alpha": main_rank,
+            "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern),
+            "target_modules": target_modules,
+            "use_rslora": False,
+            "use_dora": False,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "modules_to_save": None,
+            "inference_mode": True,
+        }
+    )
+    return config
+
+
+def write_peft_folder(
+    out: Path,
+    *,
+    tensors: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+    config: dict[str, Any] | Callable[[dict[str, int]], dict[str, Any]],
+    metadata: dict[str, str] | None = None,
+    force: bool = False,
+    card: str | None = None,
+) -> Path:
+    """Write ``(module, A, B)`` tensors as a PEFT folder, atomically, streaming tensors to disk.
+
+    ``config`` is either the final config or a function of ``{module: rank}`` (known once all tensors are
+    written). ``card`` is the model card text (README.md), if any.
+    """
+    with atomic_folder(out, force=force) as tmp:
+        ranks: dict[str, int] = {}
+        metadata = {"format": "pt", **(metadata or {})}
+        with SafetensorsStreamWriter(tmp / SAFETENSORS_NAME, metadata) as writer:
+            for module, lora_a, lora_b in tensors:
+                writer.add(f"{PREFIX}{module}.lora_A.weight", lora_a)
+                writer.add(f"{PREFIX}{module}.lora_B.weight", lora_b)
+                ranks[module] = int(lora_a.shape[0])
+        final_config = config(ranks) if callable(config) else config
+        (tmp / CONFIG_NAME).write_text(json.dumps(final_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+    return out

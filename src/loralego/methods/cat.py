@@ -1,0 +1,13 @@
+"""``cat``: concatenate all units along the rank axis. Exact: the update is the sum of the inputs'."""
+
+from __future__ import annotations
+
+from ..msu import concat
+from . import register
+from .base import ModuleJob, ModuleResult
+
+
+@register("cat", "exact concatenation along the rank axis (the output ensemble)", exact_by_default=True)
+def merge_cat(job: ModuleJob) -> ModuleResult:
+    lora_a, lora_b = concat(job.factors)
+    return ModuleResult(lora_a, lora_b)

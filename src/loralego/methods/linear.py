@@ -1,0 +1,21 @@
+"""``linear``: PEFT's factor-wise weighted average, ``A = sum A_j``, ``B = sum B_j`` (folded factors).
+
+Its update ``(sum B_j)(sum A_j)`` carries cross terms ``B_i A_j`` that belong to no input: this is the
+baseline the rank-wise methods are compared with, not an exact merge. Scale and weight are folded as
+``sqrt(w s)`` on each factor, so it equals PEFT's ``linear`` whenever the inputs share ``alpha / r``
+(PEFT puts ``sqrt(w) s`` on A and ``sqrt(w)`` on B, so its cross terms use the other adapter's scale).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import register
+from .base import ModuleJob, ModuleResult
+
+
+@register("linear", "factor-wise weighted sum of A and B (as PEFT); equal ranks only", equal_ranks=True)
+def merge_linear(job: ModuleJob) -> ModuleResult:
+    lora_a = torch.stack([a for a, _ in job.factors]).sum(0)
+    lora_b = torch.stack([b for _, b in job.factors]).sum(0)
+    return ModuleResult(lora_a, lora_b)

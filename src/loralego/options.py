@@ -1,0 +1,89 @@
+"""One options model for the CLI, recipes and the Python API: every merge option is defined here once.
+
+The CLI builds its flags from these fields (``cli.add_option_flags``), so a new option appears everywhere
+by adding one field with a description.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import LoraLegoError
+
+
+class MergeOptions(BaseModel):
+    """How to merge. Defaults follow the LoRA-LEGO spec (docs/method.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = Field("lego", description="merge method (see `loralego methods`)")
+    rank: int | None = Field(
+        None,
+        description="output rank k; default: the largest input rank (cat and task_arithmetic: exact sum)",
+    )
+    weights: list[float] | None = Field(None, description="one weight per input adapter (default: all 1)")
+    seed: int = Field(0, description="seed for k-means and DARE; same seed, same bytes")
+    # LoRA-LEGO (lego) options
+    n_init: int = Field(4, description="k-means restarts (lego)")
+    max_iter: int = Field(100, description="k-means iteration cap (lego)")
+    param_reweight: bool = Field(True, description="scale each centroid to its members' mean norm (lego)")
+    output_reweight: bool = Field(True, description="scale the merged update by sqrt(r_ref / k) (lego)")
+    norm: Literal["inf", "2"] = Field("inf", description="norm used by parameter reweighting (lego)")
+    r_ref: float | None = Field(
+        None, description="reference rank of output reweighting; default: mean input rank of the module (lego)"
+    )
+    # TIES / DARE / magnitude pruning options
+    density: float = Field(0.2, description="fraction of entries kept (ties, dare_*, magnitude_prune)")
+    majority_sign: Literal["total", "frequency"] = Field(
+        "total", description="sign election of ties / dare_ties / magnitude_prune"
+    )
+    # Execution and output
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="dtype of the written tensors; auto: the inputs' dtype"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device (auto: cuda if present)")
+    force: bool = Field(False, description="overwrite an existing output; merge adapters of different base models")
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be >= 1")
+        return value
+
+    @field_validator("density")
+    @classmethod
+    def _density_in_range(cls, value: float) -> float:
+        if not 0.0 < value <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return value
+
+    @field_validator("n_init", "max_iter")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(w != w or abs(w) == float("inf") for w in value):
+            raise ValueError("must be finite numbers")
+        return value
+
+
+def make_options(options: MergeOptions | None = None, **overrides: object) -> MergeOptions:
+    """Build options from an existing model and/or keyword overrides, turning validation errors into one line."""
+    from pydantic import ValidationError
+
+    base = options.model_dump() if options is not None else {}
+    base.update(overrides)
+    try:
+        return MergeOptions(**base)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "options"
+        raise LoraLegoError(f"option {where}: {first['msg']}") from None
