@@ -38,6 +38,9 @@ def add_option_flags(parser: argparse.ArgumentParser, fields: Sequence[str] | No
             continue
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{help_text} (default: {field.default})"}
         args = typing.get_args(annotation)
+        literal = [a for a in args if typing.get_origin(a) is typing.Literal]  # Optional[Literal[...]]
+        if literal:
+            annotation, args = literal[0], typing.get_args(literal[0])
         if typing.get_origin(annotation) is typing.Literal:
             kwargs["choices"] = list(args)
         elif name == "weights":
@@ -134,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraLegoError as error:
         if args.debug:
             raise
-        print(f"loralego: error: {error}", file=sys.stderr)
+        print(f"loralego: error: {_one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loralego: interrupted; nothing was written", file=sys.stderr)
@@ -142,8 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # an unexpected failure is still one line unless --debug
         if args.debug:
             raise
-        print(f"loralego: internal error: {type(error).__name__}: {error} (rerun with --debug)", file=sys.stderr)
+        text = _one_line(" ".join(str(error).split()))
+        text = text if len(text) <= 300 else text[:297] + "..."
+        print(f"loralego: internal error: {type(error).__name__}: {text} (rerun with --debug)", file=sys.stderr)
         return 1
+
+
+def _one_line(text: str) -> str:
+    """Errors quote names taken from untrusted files: escape newlines and control characters (terminal
+    escape sequences included) so the message stays one harmless line."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 if __name__ == "__main__":

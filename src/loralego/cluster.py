@@ -31,9 +31,7 @@ def kmeans_plus_plus(points: torch.Tensor, n_clusters: int, generator: torch.Gen
     return torch.tensor(chosen)
 
 
-def cluster_means(
-    points: torch.Tensor, labels: torch.Tensor, n_clusters: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_means(points: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each cluster's members and the member counts (a count of 0 leaves a zero row).
 
     A one-hot matmul rather than ``index_add_``: as fast on these sizes, and ``index_add_`` on CPU was

@@ -34,6 +34,22 @@ class MergeOptions(BaseModel):
     r_ref: float | None = Field(
         None, description="reference rank of output reweighting; default: mean input rank of the module (lego)"
     )
+    # Rank-wise variants (lego+; each can be set on lego too). None: the method's own default.
+    gauge: Literal["none", "balanced"] | None = Field(
+        None,
+        description="unit gauge before clustering: none, or balanced (||a|| = ||b||, canonical sign); "
+        "default none for lego, balanced for lego+",
+    )
+    cluster_on: Literal["units", "directions"] | None = Field(
+        None,
+        description="cluster the units, or their per-half unit directions; default units for lego, "
+        "directions for lego+",
+    )
+    representative: Literal["mean", "rank1"] | None = Field(
+        None,
+        description="rank of each cluster: mean of its units, or best rank-1 approximation of its summed "
+        "update; default mean for lego, rank1 for lego+",
+    )
     # TIES / DARE / magnitude pruning options
     density: float = Field(0.2, description="fraction of entries kept (ties, dare_*, magnitude_prune)")
     majority_sign: Literal["total", "frequency"] = Field(
@@ -86,4 +102,5 @@ def make_options(options: MergeOptions | None = None, **overrides: object) -> Me
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "options"
-        raise LoraLegoError(f"option {where}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix for validator errors
+        raise LoraLegoError(f"option {where}: {message}") from None

@@ -118,10 +118,29 @@ def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
     )
 
 
+# Folded factors above this Frobenius norm could overflow float32 in the methods' squared distances and
+# products (k-means, Gram matrices) and fail there with an unrelated error; a trained LoRA is many orders of
+# magnitude below it.
+_MAX_FOLDED_NORM = 1e15
+
+
+def _check_folded(adapter: Adapter, module: str, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Refuse finite but absurdly large weights (or an overflow of the scale and weight) before merging."""
+    for which, tensor in zip(("lora_A", "lora_B"), factors, strict=True):
+        norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+        if not norm <= _MAX_FOLDED_NORM:
+            raise LoraLegoError(
+                f"{adapter.path or adapter.name}: module {module}: {which} is too large to merge "
+                f"(norm {norm:.3g} after scaling by alpha/r and the weight; limit {_MAX_FOLDED_NORM:.0e})"
+            )
+
+
 def merge_module(plan: MergePlan, module: str) -> ModuleResult:
     """Read, fold and merge one module; only this module's factors are in memory."""
     indices = [j for j, adapter in enumerate(plan.adapters) if module in adapter.modules]
     factors = [plan.adapters[j].folded(module, plan.weights[j], plan.device) for j in indices]
+    for j, pair in zip(indices, factors, strict=True):
+        _check_folded(plan.adapters[j], module, pair)
     job = ModuleJob(
         module=module,
         factors=factors,
@@ -143,10 +162,14 @@ def _stored_shape(plan: MergePlan, module: str, result: ModuleResult) -> tuple[t
     k = result.lora_a.shape[0]
     lora_a = result.lora_a.reshape(k, *info.a_shape[1:])
     lora_b = result.lora_b.reshape(info.b_shape[0], k, *info.b_shape[2:])
-    return (
+    stored = (
         lora_a.to(device="cpu", dtype=plan.out_dtype).contiguous(),
         lora_b.to(device="cpu", dtype=plan.out_dtype).contiguous(),
     )
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in stored):  # e.g. float16 overflows at 65504
+        name = str(plan.out_dtype).removeprefix("torch.")
+        raise LoraLegoError(f"module {module}: the merged weights overflow {name}; use --dtype float32")
+    return stored
 
 
 def iter_merged(

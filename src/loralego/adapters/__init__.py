@@ -12,7 +12,11 @@ from .peft import load_peft, write_peft_folder
 def load(path: str | Path, name: str | None = None) -> Adapter:
     """Open an adapter (a PEFT folder) lazily; tensors are read module by module when merged."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as error:  # e.g. a parent folder without search permission
+        raise LoraLegoError(f"{path}: cannot open: {error.strerror or error}") from None
+    if not exists:
         raise LoraLegoError(f"{path}: no such file or folder")
     return load_peft(path, name=name)
 

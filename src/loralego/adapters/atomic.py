@@ -32,11 +32,15 @@ def atomic_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
     if out.exists() and not force:
         raise LoraLegoError(f"{out}: output folder already exists (use --force to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
+    # Parent folders this call creates are removed again on failure: a failed merge leaves nothing behind.
+    created = [folder for folder in (parent, *parent.parents) if not folder.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as error:
+        _remove_empty(created)
         raise LoraLegoError(f"{out}: cannot create the output folder: {error.strerror or error}") from None
+    old: Path | None = None
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -45,11 +49,22 @@ def atomic_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
             old.rmdir()
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            moved, old = old, None
+            shutil.rmtree(moved, ignore_errors=True)
         else:
             tmp.rename(out)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            old.rename(out)  # the replaced output was moved aside but the new one never arrived: put it back
+        _remove_empty(created)
         if isinstance(error, OSError):
             raise LoraLegoError(f"{out}: writing the output failed: {error.strerror or error}") from None
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders (deepest first) if they are empty; leave anything that holds files."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from ..errors import LoraLegoError
 from .atomic import atomic_folder
@@ -36,6 +36,7 @@ _UNSUPPORTED_KEYS = {
     "ia3_l": "IA3",
     "lora_E": "AdaLoRA",
     "modules_to_save": "modules_to_save (fully trained modules)",
+    "lora_diag": "KaSA (kasa_config)",
 }
 
 # Config keys whose non-default values mean the adapter is not plain LoRA.
@@ -46,6 +47,12 @@ _UNSUPPORTED_CONFIG: list[tuple[str, Callable[[Any], bool], str]] = [
     ("modules_to_save", bool, "modules_to_save (fully trained modules)"),
     ("trainable_token_indices", bool, "trainable_token_indices"),
     ("use_qalora", bool, "QA-LoRA"),
+    ("alora_invocation_tokens", bool, "Activated LoRA (alora_invocation_tokens)"),
+    ("arrow_config", bool, "Arrow routing (arrow_config)"),
+    ("kasa_config", bool, "KaSA (kasa_config)"),
+    ("monteclora_config", bool, "MonteCLoRA (monteclora_config)"),
+    ("use_bdlora", bool, "block-diagonal LoRA (use_bdlora)"),
+    ("target_parameters", bool, "LoRA on parameters (target_parameters)"),
 ]
 
 
@@ -55,12 +62,16 @@ def _read_config(folder: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LoraLegoError(f"{path}: missing (not a PEFT adapter folder)") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise LoraLegoError(f"{path}: cannot read: {error}") from None
+    except OSError as error:
+        raise LoraLegoError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise LoraLegoError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
         raise LoraLegoError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise LoraLegoError(f"{path}: not a PEFT config (JSON nested too deeply)") from None
     if not isinstance(config, dict):
         raise LoraLegoError(f"{path}: expected a JSON object")
     return config
@@ -70,16 +81,16 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     where = path / CONFIG_NAME
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise LoraLegoError(f"{where}: peft_type {peft_type!r} is not supported (only plain LoRA can be merged)")
+        raise LoraLegoError(f"{where}: peft_type {_short(peft_type)} is not supported (only plain LoRA can be merged)")
     for key, is_set, feature in _UNSUPPORTED_CONFIG:
         if is_set(config.get(key)):
             raise LoraLegoError(f"{where}: {feature} is not supported (only plain LoRA can be merged)")
-    for key, kinds in (("r", (int,)), ("lora_alpha", (int, float))):
+    for key, kinds, kind_name in (("r", (int,), "an integer"), ("lora_alpha", (int, float), "a number")):
         if key not in config:
             raise LoraLegoError(f"{where}: missing key {key!r}")
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, kinds):
-            raise LoraLegoError(f"{where}: key {key!r} must be a number, got {value!r}")
+            raise LoraLegoError(f"{where}: key {key!r} must be {kind_name}, got {_short(value)}")
         if value <= 0 and key == "r":
             raise LoraLegoError(f"{where}: key 'r' must be >= 1, got {value}")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -88,9 +99,33 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
         ):
             raise LoraLegoError(f"{where}: key {key!r} must map module patterns to numbers")
+        for pattern in value:  # PEFT treats the keys as regular expressions; a broken one matches nothing sane
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise LoraLegoError(f"{where}: key {key!r}: {pattern!r} is not a valid pattern ({error})") from None
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
             raise LoraLegoError(f"{where}: key {key!r} must be true or false")
+    # Read by the merge (base-model check, output config): wrong types would fail far from the file.
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, (str, type(None))):
+        raise LoraLegoError(f"{where}: key 'base_model_name_or_path' must be a string, got {_short(base)}")
+    targets = config.get("target_modules")
+    if not (
+        targets is None
+        or isinstance(targets, str)
+        or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise LoraLegoError(
+            f"{where}: key 'target_modules' must be a string or a list of strings, got {_short(targets)}"
+        )
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to ``limit`` characters, so a huge config value cannot flood the one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -103,9 +138,12 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as error:
+        raise LoraLegoError(f"{path}: cannot read: {error.strerror or error}") from None
     return digest.hexdigest()
 
 
@@ -114,19 +152,20 @@ class _SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _require_file(path)
         try:
             self._handle = safe_open(str(path), framework="pt")
             self.keys = list(self._handle.keys())
             self.shapes = {key: tuple(self._handle.get_slice(key).get_shape()) for key in self.keys}
             self.dtypes = {key: _DTYPES.get(self._handle.get_slice(key).get_dtype()) for key in self.keys}
             self.metadata = self._handle.metadata() or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        except Exception as error:  # any failure to parse an untrusted file is a refusal, whatever its type
             raise LoraLegoError(f"{path}: not a readable safetensors file ({_one_line(error)})") from None
 
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._handle.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        except Exception as error:  # a file that parsed but cannot be read back is still the file's fault
             raise LoraLegoError(f"{self.path}: tensor {key}: cannot read ({_one_line(error)})") from None
 
 
@@ -135,16 +174,20 @@ class _BinFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _require_file(path)
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+            with warnings.catch_warnings():  # torch warns on stderr about pickle protocols: keep errors one line
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:  # any failure of the restricted unpickler is a refusal, whatever its type
             raise LoraLegoError(
-                f"{path}: refused: not a plain tensor checkpoint (loaded with weights_only=True: {_one_line(error)})"
+                f"{path}: refused: not a plain tensor checkpoint ({_unpickling_reason(error)}; "
+                "loaded with weights_only=True, nothing in it was run)"
             ) from None
         if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided for k, v in state.items()
         ):
-            raise LoraLegoError(f"{path}: refused: expected a mapping of names to tensors")
+            raise LoraLegoError(f"{path}: refused: expected a mapping of names to dense tensors")
         self._state = state
         self.keys = list(state)
         self.shapes = {key: tuple(value.shape) for key, value in state.items()}
@@ -159,20 +202,47 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise LoraLegoError(f"{path}: expected a file, found a folder")
+
+
+# torch's weights-only errors are paragraphs that end in advice to load with weights_only=False; keep the fact.
+_UNPICKLING_FACT = re.compile(
+    r"(unsupported GLOBAL \S+|Unsupported operand \S+|Unsupported class \S+|[^.]*zip archive[^.]*)"
+)
+
+
+def _unpickling_reason(error: BaseException) -> str:
+    text = _one_line(error)
+    found = _UNPICKLING_FACT.search(text)
+    if found:
+        return found.group(1).strip().rstrip(":")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def _parse_keys(keys: Iterable[str], path: Path) -> dict[str, dict[str, str]]:
     """Group tensor names by module: ``{module: {"A": key, "B": key}}``; refuse anything else."""
-    modules: dict[str, dict[str, str]] = {}
+    keys = list(keys)
+    # Name the adapter kind first: it explains the other unexpected tensors (e.g. a saved embedding layer).
     for key in keys:
         for fragment, feature in _UNSUPPORTED_KEYS.items():
             if fragment in key:
                 raise LoraLegoError(f"{path}: tensor {key}: {feature} is not supported (only plain LoRA)")
+    modules: dict[str, dict[str, str]] = {}
+    for key in keys:
         match = _FACTOR_KEY.match(key)
         if match is None:
             if key.endswith(".bias") and ".lora_" in key:
                 raise LoraLegoError(f"{path}: tensor {key}: LoRA with bias is not supported (only plain LoRA)")
+            if ".lora_" not in key:
+                raise LoraLegoError(
+                    f"{path}: tensor {key}: a full weight, not a LoRA factor "
+                    "(modules_to_save and saved embedding layers are not supported)"
+                )
             raise LoraLegoError(f"{path}: tensor {key}: not a LoRA factor (expected '<module>.lora_A.weight')")
         module = match["module"].removeprefix(PREFIX)
         slot = modules.setdefault(module, {})
@@ -185,9 +255,13 @@ def _parse_keys(keys: Iterable[str], path: Path) -> dict[str, dict[str, str]]:
 def load_peft(folder: str | Path, name: str | None = None) -> Adapter:
     """Open a PEFT LoRA folder lazily: config and tensor headers are read and checked, tensors are not."""
     folder = Path(folder)
-    if not folder.exists():
+    try:
+        exists, is_dir = folder.exists(), folder.is_dir()
+    except OSError as error:  # e.g. a parent folder without search permission
+        raise LoraLegoError(f"{folder}: cannot open: {error.strerror or error}") from None
+    if not exists:
         raise LoraLegoError(f"{folder}: no such file or folder")
-    if not folder.is_dir():
+    if not is_dir:
         raise LoraLegoError(f"{folder}: expected a PEFT adapter folder")
     config = _read_config(folder)
     _check_config(config, folder)

@@ -1,27 +1,95 @@
-"""``lego``: LoRA-LEGO (arXiv 2409.16167), paper-faithful.
+"""``lego`` (LoRA-LEGO, arXiv 2409.16167, paper-faithful) and ``lego+`` (our measured variant).
 
-Per module: pool the folded units of every input, k-means them into k clusters, take each centroid as one
-rank of the merged LoRA, then apply dual reweighting (parameter reweighting of each centroid's norm,
-output reweighting of the whole update). See docs/method.md for every choice and its default.
+Per module: pool the folded units of every input, k-means them into k clusters, turn each cluster into one
+rank of the merged LoRA. ``lego`` takes each cluster's mean and applies dual reweighting (parameter
+reweighting of each centroid's norm, output reweighting of the whole update). ``lego+`` changes three
+things, each also available on ``lego`` as an option (docs/method.md, docs/results.md):
+
+- gauge: a unit (a, b) is only defined up to (c a, b / c); ``balanced`` makes ||a|| = ||b|| and fixes
+  the sign, so equivalent units look alike to k-means;
+- cluster_on ``directions``: cluster the per-half unit directions, so large and small units that point the
+  same way share a cluster;
+- representative ``rank1``: the best rank-1 approximation of the cluster's *summed* update (from the thin
+  factors), optimal for that cluster; it keeps each cluster's full contribution, so the reweightings,
+  which undo the shrinkage of averaging, are not applied to it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..cluster import KMeans
+from ..cluster import KMeans, cluster_means
+from ..lowrank import truncate
 from ..msu import concat, from_units, to_units
+from ..options import MergeOptions
 from . import register
 from .base import ModuleJob, ModuleResult
 
 _EPS = 1e-12
 
 
+@dataclass(frozen=True)
+class LegoVariant:
+    """The choices of one rank-wise merge, resolved from the options and the method's defaults."""
+
+    gauge: str
+    cluster_on: str
+    representative: str
+    param_reweight: bool
+    output_reweight: bool
+    norm: str
+    r_ref: float | None
+
+    @classmethod
+    def resolve(cls, options: MergeOptions, defaults: dict[str, str]) -> LegoVariant:
+        return cls(
+            gauge=options.gauge or defaults["gauge"],
+            cluster_on=options.cluster_on or defaults["cluster_on"],
+            representative=options.representative or defaults["representative"],
+            param_reweight=options.param_reweight,
+            output_reweight=options.output_reweight,
+            norm=options.norm,
+            r_ref=options.r_ref,
+        )
+
+
+PAPER = {"gauge": "none", "cluster_on": "units", "representative": "mean"}
+PLUS = {"gauge": "balanced", "cluster_on": "directions", "representative": "rank1"}
+
+
 def unit_norms(units: torch.Tensor, norm: str) -> torch.Tensor:
     """Norm of each unit (row): max-abs for ``inf``, Euclidean for ``2``."""
     return units.abs().amax(dim=1) if norm == "inf" else units.norm(dim=1)
+
+
+def balance_gauge(units: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Rescale each unit to ||a|| = ||b|| and flip it so a's largest-magnitude entry is positive.
+
+    ``(c a, b / c)`` with ``c = sqrt(||b|| / ||a||)`` and the sign flip ``(-a, -b)`` leave ``b a^T`` unchanged.
+    """
+    lora_a, lora_b = units[:, :d_in], units[:, d_in:]
+    norm_a, norm_b = lora_a.norm(dim=1), lora_b.norm(dim=1)
+    usable = (norm_a > _EPS) & (norm_b > _EPS)
+    factor = torch.where(usable, (norm_b / norm_a.clamp_min(_EPS)).sqrt(), torch.ones_like(norm_a))
+    pivot = lora_a.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(lora_a.gather(1, pivot)).squeeze(1)
+    sign[sign == 0] = 1.0
+    return torch.cat([lora_a * (factor * sign)[:, None], lora_b * (sign / factor)[:, None]], dim=1)
+
+
+def directions(units: torch.Tensor, d_in: int) -> torch.Tensor:
+    """``[a / ||a|| ; b / ||b||]``: where a unit points, whatever its size."""
+    lora_a, lora_b = units[:, :d_in], units[:, d_in:]
+    return torch.cat(
+        [
+            lora_a / lora_a.norm(dim=1, keepdim=True).clamp_min(_EPS),
+            lora_b / lora_b.norm(dim=1, keepdim=True).clamp_min(_EPS),
+        ],
+        dim=1,
+    )
 
 
 def parameter_reweight(centroids: torch.Tensor, units: torch.Tensor, labels: torch.Tensor, norm: str) -> torch.Tensor:
@@ -38,28 +106,53 @@ def output_scale(source_ranks: list[int], k: int, r_ref: float | None) -> float:
     return math.sqrt(reference / k)
 
 
-def cluster_units(units: torch.Tensor, k: int, job: ModuleJob) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centroids and labels; with k >= N every unit is its own cluster (the exact ensemble)."""
-    n = units.shape[0]
+def rank1_representatives(units: torch.Tensor, labels: torch.Tensor, k: int, d_in: int) -> torch.Tensor:
+    """For each cluster, the unit whose update is the best rank-1 approximation of the members' summed update."""
+    rows = []
+    for cluster in range(k):
+        members = units[labels == cluster]
+        lora_a, lora_b = truncate(members[:, :d_in], members[:, d_in:].T, 1)
+        rows.append(torch.cat([lora_a[0], lora_b[:, 0]]).to(units.dtype))
+    return torch.stack(rows)
+
+
+def cluster_labels(features: torch.Tensor, k: int, job: ModuleJob) -> torch.Tensor:
+    """k-means labels; with k >= N every unit is its own cluster (the exact ensemble)."""
+    n = features.shape[0]
     if k >= n:
-        return units.clone(), torch.arange(n, device=units.device)
+        return torch.arange(n, device=features.device)
     options = job.options
-    kmeans = KMeans(k, n_init=options.n_init, max_iter=options.max_iter, seed=job.seed).fit(units)
-    return kmeans.cluster_centers_, kmeans.labels_
+    return KMeans(k, n_init=options.n_init, max_iter=options.max_iter, seed=job.seed).fit(features).labels_
+
+
+def rankwise_merge(job: ModuleJob, variant: LegoVariant) -> ModuleResult:
+    lora_a, lora_b = concat(job.factors)
+    d_in = lora_a.shape[1]
+    units = to_units(lora_a, lora_b)
+    if variant.gauge == "balanced":
+        units = balance_gauge(units, d_in)
+    k = min(job.rank if job.rank is not None else max(job.source_ranks), units.shape[0])
+    features = directions(units, d_in) if variant.cluster_on == "directions" else units
+    labels = cluster_labels(features, k, job)
+    if variant.representative == "rank1":
+        ranks = rank1_representatives(units, labels, k, d_in)
+        new_a, new_b = from_units(ranks, d_in)
+    else:
+        centroids = units if k == units.shape[0] else cluster_means(units, labels, k)[0]
+        if variant.param_reweight:
+            centroids = parameter_reweight(centroids, units, labels, variant.norm)
+        new_a, new_b = from_units(centroids, d_in)
+        if variant.output_reweight:
+            new_b = new_b * output_scale(job.source_ranks, k, variant.r_ref)
+    owner = torch.repeat_interleave(torch.tensor(job.adapter_indices), torch.tensor(job.source_ranks))
+    return ModuleResult(new_a, new_b, {"labels": labels.cpu(), "unit_adapter": owner})
 
 
 @register("lego", "LoRA-LEGO: k-means of the pooled rank-1 units, centroids as ranks, dual reweighting")
 def merge_lego(job: ModuleJob) -> ModuleResult:
-    lora_a, lora_b = concat(job.factors)
-    d_in = lora_a.shape[1]
-    units = to_units(lora_a, lora_b)
-    k = min(job.rank if job.rank is not None else max(job.source_ranks), units.shape[0])
-    centroids, labels = cluster_units(units, k, job)
-    options = job.options
-    if options.param_reweight:
-        centroids = parameter_reweight(centroids, units, labels, options.norm)
-    new_a, new_b = from_units(centroids, d_in)
-    if options.output_reweight:
-        new_b = new_b * output_scale(job.source_ranks, k, options.r_ref)
-    owner = torch.repeat_interleave(torch.tensor(job.adapter_indices), torch.tensor(job.source_ranks))
-    return ModuleResult(new_a, new_b, {"labels": labels.cpu(), "unit_adapter": owner})
+    return rankwise_merge(job, LegoVariant.resolve(job.options, PAPER))
+
+
+@register("lego+", "LoRA-LEGO with gauge-fixed direction clustering and rank-1 cluster representatives")
+def merge_lego_plus(job: ModuleJob) -> ModuleResult:
+    return rankwise_merge(job, LegoVariant.resolve(job.options, PLUS))

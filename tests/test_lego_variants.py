@@ -1,0 +1,80 @@
+"""The algebra of the lego+ variants: each choice is pinned against an exact statement."""
+
+from __future__ import annotations
+
+import torch
+from helpers import assert_updates_close, dense_updates, summed_updates
+
+import loralego
+from loralego.methods.lego import balance_gauge, directions, rank1_representatives
+from loralego.msu import from_units
+
+
+def _units(n: int = 12, d_in: int = 9, d_out: int = 7, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-2, 1, n)[:, None]  # very different sizes, as across adapters
+    return torch.randn(n, d_in + d_out, generator=generator) * scales
+
+
+def _rank1_updates(units: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Each unit's own update ``b a^T``: n x d_out x d_in."""
+    return torch.einsum("no,ni->noi", units[:, d_in:].double(), units[:, :d_in].double())
+
+
+def test_gauge_fixing_leaves_every_unit_update_unchanged():
+    units = _units()
+    fixed = balance_gauge(units, 9)
+    torch.testing.assert_close(_rank1_updates(fixed, 9), _rank1_updates(units, 9), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(fixed[:, :9].norm(dim=1), fixed[:, 9:].norm(dim=1), rtol=1e-5, atol=1e-8)
+    # Canonical sign: a unit and its negated copy (the same update) become identical.
+    torch.testing.assert_close(balance_gauge(-units, 9), fixed)
+    # Rescaled copies (c a, b / c) also become identical.
+    torch.testing.assert_close(balance_gauge(torch.cat([units[:, :9] * 3.0, units[:, 9:] / 3.0], 1), 9), fixed)
+
+
+def test_directions_are_unit_length_halves():
+    feats = directions(_units(), 9)
+    torch.testing.assert_close(feats[:, :9].norm(dim=1), torch.ones(12))
+    torch.testing.assert_close(feats[:, 9:].norm(dim=1), torch.ones(12))
+
+
+def test_rank1_representative_is_optimal_for_its_cluster():
+    units = _units()
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 1, 2])
+    reps = rank1_representatives(units, labels, 3, 9)
+    rep_a, rep_b = from_units(reps, 9)
+    for cluster in range(3):
+        summed = _rank1_updates(units[labels == cluster], 9).sum(0)
+        u, s, vh = torch.linalg.svd(summed)
+        best = s[0] * torch.outer(u[:, 0], vh[0])
+        got = torch.outer(rep_b[:, cluster].double(), rep_a[cluster].double())
+        torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-6)
+        # Eckart-Young: no rank-1 matrix does better; a random perturbation does worse.
+        err = torch.linalg.matrix_norm(summed - got)
+        assert float(err) <= float(torch.linalg.matrix_norm(summed - got * 1.01)) + 1e-12
+
+
+def test_lego_plus_is_exact_when_every_unit_is_its_own_cluster(mixed_adapters):
+    adapters = [loralego.load(path) for path in mixed_adapters]
+    merged = loralego.merge(adapters, method="lego+", rank=28)
+    assert_updates_close(dense_updates(merged), summed_updates(adapters), rtol=1e-4, atol=1e-5)
+
+
+def test_lego_plus_on_duplicated_adapter_recovers_the_sum(adapter_factory):
+    # Two copies of one adapter, k = r: each cluster holds a unit and its copy; the rank-1 of their summed
+    # update is twice the unit, so the merge equals the exact sum (here 2x the adapter).
+    path = adapter_factory(r=4, alpha=8, seed=11)
+    adapters = [loralego.load(path, name="a"), loralego.load(path, name="b")]
+    merged = loralego.merge(adapters, method="lego+", rank=4, n_init=8)
+    assert_updates_close(dense_updates(merged), summed_updates(adapters), rtol=1e-4, atol=1e-5)
+
+
+def test_variant_options_on_lego_match_lego_plus(mixed_adapters):
+    adapters = [loralego.load(path) for path in mixed_adapters]
+    plus = loralego.merge(adapters, method="lego+", rank=6, seed=4)
+    spelled = loralego.merge(
+        adapters, method="lego", rank=6, seed=4, gauge="balanced", cluster_on="directions", representative="rank1"
+    )
+    for module in plus.modules:
+        for x, y in zip(plus.stored(module), spelled.stored(module), strict=True):
+            assert torch.equal(x, y)
