@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-
 from models import CACHE_DIR, package_dir
 
 SPLIT_SEED = 0

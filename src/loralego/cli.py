@@ -6,17 +6,27 @@ import argparse
 import json
 import shlex
 import sys
-import time
 import typing
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
 from .adapters import load
-from .errors import LoraLegoError
+from .commands import execute_merge
+from .diagnostics import format_report, verify, write_json
+from .errors import LoraLegoError, one_line
 from .methods import METHODS
 from .options import MergeOptions, make_options
-from .pipeline import merge_to_folder
+from .recipe import load_recipe
+
+_ADAPTER_HELP = (
+    "a PEFT adapter folder, a kohya or diffusers .safetensors LoRA file, or a Hugging Face model id already "
+    "in the local hub cache (owner/name[@revision]; never downloaded)"
+)
+_OUT_HELP = (
+    "output folder (PEFT) or .safetensors file (kohya, diffusers); written atomically. The format follows "
+    "the inputs unless --format says otherwise"
+)
 
 
 def _flag(name: str) -> str:
@@ -35,6 +45,11 @@ def add_option_flags(parser: argparse.ArgumentParser, fields: Sequence[str] | No
                 parser.add_argument(_flag("no_" + name), dest=name, action="store_false", default=None, help=help_text)
             else:
                 parser.add_argument(_flag(name), dest=name, action="store_true", default=None, help=help_text)
+            continue
+        if name == "rank_overrides":  # a mapping, given as repeated PATTERN=K (parsed by MergeOptions)
+            parser.add_argument(
+                "--rank-override", dest=name, action="append", default=None, metavar="PATTERN=K", help=help_text
+            )
             continue
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{help_text} (default: {field.default})"}
         args = typing.get_args(annotation)
@@ -65,16 +80,38 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     merge = commands.add_parser("merge", help="merge adapters into one")
-    merge.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folders")
-    merge.add_argument("--out", "-o", required=True, help="output folder (written atomically)")
+    merge.add_argument("adapters", nargs="+", metavar="ADAPTER", help=_ADAPTER_HELP)
+    merge.add_argument("--out", "-o", required=True, help=_OUT_HELP)
     merge.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    merge.add_argument("--report", metavar="FILE", help="also write a self-contained HTML report of the merge")
+    merge.add_argument(
+        "--verify", action="store_true", help="then compare the output with the exact weighted sum (as verify)"
+    )
     add_option_flags(merge)
 
+    run = commands.add_parser("run", help="run a merge recipe (YAML: inputs, output, options)")
+    run.add_argument("recipe", metavar="RECIPE", help="recipe file (see `loralego.recipe`)")
+    run.add_argument("--force", action="store_true", default=None, help="overwrite an existing output")
+    run.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+
+    report = commands.add_parser("report", help="HTML report of an existing merge against its inputs")
+    report.add_argument("merged", metavar="MERGED", help="the merged adapter")
+    report.add_argument("adapters", nargs="+", metavar="ADAPTER", help="the input adapters, in merge order")
+    report.add_argument("--out", "-o", default="report.html", help="the HTML file (default: report.html)")
+    report.add_argument("--force", action="store_true", help="overwrite an existing report")
+
     inspect = commands.add_parser("inspect", help="describe adapters")
-    inspect.add_argument("adapters", nargs="+", metavar="ADAPTER")
+    inspect.add_argument("adapters", nargs="+", metavar="ADAPTER", help=_ADAPTER_HELP)
     inspect.add_argument("--json", action="store_true", help="print JSON")
 
     commands.add_parser("methods", help="list the merge methods")
+
+    verify = commands.add_parser("verify", help="how far a merged adapter is from the exact weighted sum")
+    verify.add_argument("merged", metavar="MERGED", help="the merged adapter")
+    verify.add_argument("adapters", nargs="+", metavar="ADAPTER", help="the input adapters")
+    verify.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per input (default: 1)")
+    verify.add_argument("--json", metavar="FILE", help="also write every module's figures as JSON")
+    verify.add_argument("--top", type=int, default=10, help="modules shown, worst first; 0: all (default: 10)")
     return parser
 
 
@@ -106,19 +143,40 @@ def _print_inspect(adapters: list[str], as_json: bool) -> None:
 
 def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> None:
     options = options_from_args(args)
-    adapters = [load(path) for path in args.adapters]
-    start = time.perf_counter()
     command = shlex.join(["loralego", *argv])
-    plan = merge_to_folder(adapters, args.out, options, command=command)
-    for warning in plan.warnings:
-        print(f"loralego: warning: {warning}", file=sys.stderr)
-    if not args.quiet:
-        seconds = time.perf_counter() - start
-        rank = plan.rank if plan.rank is not None else "exact"
-        print(
-            f"merged {len(adapters)} adapters with {plan.method.name} (rank {rank}) into {args.out}: "
-            f"{len(plan.modules)} modules in {seconds:.2f} s"
-        )
+    plan = execute_merge(args.adapters, args.out, options, command=command, report=args.report, quiet=args.quiet)
+    if args.verify:  # re-open what was written: the check covers the file, not the in-memory result
+        print(format_report(verify(load(args.out), plan.adapters, plan.weights)))
+
+
+def run_recipe(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    recipe = load_recipe(args.recipe)
+    options = make_options(recipe.options, force=True) if args.force else recipe.options
+    execute_merge(
+        recipe.inputs,
+        recipe.output,
+        options,
+        command=shlex.join(["loralego", *argv]),
+        report=recipe.report,
+        recipe_text=recipe.text,
+        quiet=args.quiet,
+    )
+
+
+def run_report(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from .report import report_existing  # matplotlib and friends only when a report is asked for
+
+    report_existing(args.merged, args.adapters, args.out, command=shlex.join(["loralego", *argv]), force=args.force)
+    print(f"report: {args.out}")
+
+
+def run_verify(args: argparse.Namespace) -> None:
+    merged = load(args.merged)
+    adapters = [load(path) for path in args.adapters]
+    report = verify(merged, adapters, args.weights)
+    print(format_report(report, args.top))
+    if args.json:
+        write_json(report, args.json, merged, adapters)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "merge":
             run_merge(args, argv)
+        elif args.command == "verify":
+            run_verify(args)
+        elif args.command == "run":
+            run_recipe(args, argv)
+        elif args.command == "report":
+            run_report(args, argv)
         elif args.command == "inspect":
             _print_inspect(args.adapters, args.json)
         elif args.command == "methods":
@@ -137,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraLegoError as error:
         if args.debug:
             raise
-        print(f"loralego: error: {_one_line(str(error))}", file=sys.stderr)
+        print(f"loralego: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loralego: interrupted; nothing was written", file=sys.stderr)
@@ -145,16 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # an unexpected failure is still one line unless --debug
         if args.debug:
             raise
-        text = _one_line(" ".join(str(error).split()))
+        text = one_line(" ".join(str(error).split()))
         text = text if len(text) <= 300 else text[:297] + "..."
         print(f"loralego: internal error: {type(error).__name__}: {text} (rerun with --debug)", file=sys.stderr)
         return 1
-
-
-def _one_line(text: str) -> str:
-    """Errors quote names taken from untrusted files: escape newlines and control characters (terminal
-    escape sequences included) so the message stays one harmless line."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 if __name__ == "__main__":

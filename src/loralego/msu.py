@@ -17,10 +17,12 @@ def fold_scale(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, weight:
     """Fold a LoRA's scale and the user's weight into its factors, split evenly between A and B.
 
     Afterwards the update is plain ``B @ A`` (scale 1). The even split keeps units of differently scaled
-    adapters comparable for clustering; the sign of a negative weight goes on A.
+    adapters comparable for clustering; the sign of a negative weight (or of a negative ``lora_alpha``, which
+    PEFT accepts) goes on A.
     """
-    magnitude = math.sqrt(abs(weight) * scale)
-    sign = -1.0 if weight < 0 else 1.0
+    factor = weight * scale
+    magnitude = math.sqrt(abs(factor))
+    sign = -1.0 if factor < 0 else 1.0
     return lora_a * (sign * magnitude), lora_b * magnitude
 
 

@@ -23,6 +23,11 @@ class MergeOptions(BaseModel):
         None,
         description="output rank k; default: the largest input rank (cat and task_arithmetic: exact sum)",
     )
+    rank_overrides: dict[str, int] = Field(
+        default_factory=dict,
+        description="output rank for modules matching a pattern, as PATTERN=K (repeatable): a regex on whole "
+        "name parts (mlp, self_attn.q_proj, layers\\.[0-3]\\..*); the most specific match wins",
+    )
     weights: list[float] | None = Field(None, description="one weight per input adapter (default: all 1)")
     seed: int = Field(0, description="seed for k-means and DARE; same seed, same bytes")
     # LoRA-LEGO (lego) options
@@ -52,8 +57,12 @@ class MergeOptions(BaseModel):
     )
     # TIES / DARE / magnitude pruning options
     density: float = Field(0.2, description="fraction of entries kept (ties, dare_*, magnitude_prune)")
-    majority_sign: Literal["total", "frequency"] = Field(
-        "total", description="sign election of ties / dare_ties / magnitude_prune"
+    majority_sign: Literal["total", "frequency"] = Field("total", description="sign election of ties / dare_ties")
+    space: Literal["dense", "factors"] = Field(
+        "dense",
+        description="where ties / dare_* / magnitude_prune work: dense = on each module's full update, then the "
+        "best rank-k approximation (any ranks; PEFT's *_svd); factors = on A and B separately (PEFT's plain "
+        "variants; equal ranks only, output rank = input rank)",
     )
     # Execution and output
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -61,6 +70,14 @@ class MergeOptions(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device (auto: cuda if present)")
     force: bool = Field(False, description="overwrite an existing output; merge adapters of different base models")
+    format: Literal["peft", "kohya", "diffusers"] | None = Field(
+        None, description="output format; default: the inputs' (peft <-> diffusers convert, kohya does not)"
+    )
+    target: Literal["vllm"] | None = Field(
+        None,
+        description="serving target the output must satisfy; vllm: one rank from vLLM's --max-lora-rank values "
+        "for all modules (smaller ones padded with zero units), alpha = r, checked before writing",
+    )
 
     @field_validator("rank")
     @classmethod
@@ -68,6 +85,13 @@ class MergeOptions(BaseModel):
         if value is not None and value < 1:
             raise ValueError("must be >= 1")
         return value
+
+    @field_validator("rank_overrides", mode="before")
+    @classmethod
+    def _parse_overrides(cls, value: object) -> dict[str, int]:
+        from .overrides import validate_overrides
+
+        return validate_overrides(value)  # type: ignore[arg-type]
 
     @field_validator("density")
     @classmethod

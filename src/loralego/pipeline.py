@@ -15,11 +15,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from .adapters import Adapter, memory_adapter, natural_key, write_peft_folder
+from .adapters import Adapter, memory_adapter, natural_key
+from .adapters.formats import output_format, output_metadata, write_adapter
 from .adapters.peft import merged_config
 from .errors import LoraLegoError
+from .finite import all_finite
 from .methods import MergeMethod, ModuleJob, ModuleResult, get_method
 from .options import MergeOptions, make_options
+from .overrides import override_for, unused_patterns
+from .vllm import pad_all
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,6 +41,7 @@ class MergePlan:
     device: torch.device
     out_dtype: torch.dtype
     warnings: tuple[str, ...] = ()
+    out_format: str = "peft"
 
 
 def module_seed(seed: int, module: str) -> int:
@@ -100,6 +105,8 @@ def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
     rank = options.rank
     if rank is None and not method.exact_by_default:
         rank = max(info.rank for a in adapters for info in a.modules.values())
+    out_format = output_format(adapters, options.format, options.target)
+    warnings += [f"--rank-override {p}: matches no module" for p in unused_patterns(options.rank_overrides, modules)]
     if options.dtype == "auto":
         dtypes = {a.dtype for a in adapters}
         out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -115,6 +122,7 @@ def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
         device=_resolve_device(options.device),
         out_dtype=out_dtype,
         warnings=tuple(warnings),
+        out_format=out_format,
     )
 
 
@@ -127,12 +135,19 @@ _MAX_FOLDED_NORM = 1e15
 def _check_folded(adapter: Adapter, module: str, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Refuse finite but absurdly large weights (or an overflow of the scale and weight) before merging."""
     for which, tensor in zip(("lora_A", "lora_B"), factors, strict=True):
-        norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+        # float32 is enough to compare with the limit: a norm past float32's range (~1e19) is inf, also refused.
+        norm = float(torch.linalg.vector_norm(tensor))
         if not norm <= _MAX_FOLDED_NORM:
             raise LoraLegoError(
                 f"{adapter.path or adapter.name}: module {module}: {which} is too large to merge "
                 f"(norm {norm:.3g} after scaling by alpha/r and the weight; limit {_MAX_FOLDED_NORM:.0e})"
             )
+
+
+def module_rank(plan: MergePlan, module: str) -> int | None:
+    """The requested k of one module: the most specific ``--rank-override`` matching it, else ``--rank``."""
+    override = override_for(plan.options.rank_overrides, module)
+    return override if override is not None else plan.rank
 
 
 def merge_module(plan: MergePlan, module: str) -> ModuleResult:
@@ -146,12 +161,12 @@ def merge_module(plan: MergePlan, module: str) -> ModuleResult:
         factors=factors,
         adapter_indices=indices,
         source_ranks=[plan.adapters[j].modules[module].rank for j in indices],
-        rank=plan.rank,
+        rank=module_rank(plan, module),
         seed=module_seed(plan.options.seed, module),
         options=plan.options,
     )
     result = plan.method.merge(job)
-    if not (bool(torch.isfinite(result.lora_a).all()) and bool(torch.isfinite(result.lora_b).all())):
+    if not (all_finite(result.lora_a) and all_finite(result.lora_b)):
         raise LoraLegoError(f"module {module}: the {plan.method.name} merge produced NaN or Inf")
     return result
 
@@ -166,7 +181,7 @@ def _stored_shape(plan: MergePlan, module: str, result: ModuleResult) -> tuple[t
         lora_a.to(device="cpu", dtype=plan.out_dtype).contiguous(),
         lora_b.to(device="cpu", dtype=plan.out_dtype).contiguous(),
     )
-    if not all(bool(torch.isfinite(tensor).all()) for tensor in stored):  # e.g. float16 overflows at 65504
+    if not all(all_finite(tensor) for tensor in stored):  # e.g. float16 overflows at 65504
         name = str(plan.out_dtype).removeprefix("torch.")
         raise LoraLegoError(f"module {module}: the merged weights overflow {name}; use --dtype float32")
     return stored
@@ -240,7 +255,8 @@ def model_card(plan: MergePlan, command: str | None) -> str:
 def _output_config(plan: MergePlan) -> Callable[[dict[str, int]], dict[str, Any]]:
     template = dict(plan.adapters[0].config)
     targets = target_modules(plan.adapters, plan.modules)
-    return lambda ranks: merged_config(template, ranks, targets, plan.rank)
+    main_rank = None if plan.options.target == "vllm" else plan.rank  # vllm: the one padded rank
+    return lambda ranks: merged_config(template, ranks, targets, main_rank)
 
 
 def merge(adapters: list[Adapter], options: MergeOptions | None = None, **overrides: Any) -> Adapter:
@@ -250,15 +266,18 @@ def merge(adapters: list[Adapter], options: MergeOptions | None = None, **overri
     """
     plan = plan_merge(list(adapters), make_options(options, **overrides))
     tensors = {module: (lora_a, lora_b) for module, lora_a, lora_b in iter_merged(plan)}
+    if plan.options.target == "vllm":
+        tensors = pad_all(tensors)
     ranks = {module: int(pair[0].shape[0]) for module, pair in tensors.items()}
     merged = memory_adapter(
         f"merged-{plan.method.name}",
         tensors,
         config=_output_config(plan)(ranks),
         dtype=plan.out_dtype,
-        metadata=provenance(plan),
+        metadata=output_metadata(plan.adapters, provenance(plan), plan.rank),
         order=plan.modules,
     )
+    merged.format = plan.out_format
     return merged
 
 
@@ -279,20 +298,25 @@ def merge_to_folder(
     *,
     command: str | None = None,
     on_module: Callable[[str, ModuleResult], None] | None = None,
+    extra_files: dict[str, str] | None = None,
     **overrides: Any,
 ) -> MergePlan:
-    """Merge and stream the result into a PEFT folder, atomically; modules are written as they finish."""
+    """Merge and stream the result into the output format's folder or file, atomically; modules are written as
+    they finish. ``extra_files`` (e.g. the recipe) go inside a PEFT folder, beside a single file."""
     out = Path(out)
     plan = plan_merge(list(adapters), make_options(options, **overrides))
     _refuse_overlap(out, plan.adapters)
     if command is None:
         command = shlex.join(["loralego", *sys.argv[1:]]) if sys.argv[0].endswith("loralego") else None
-    write_peft_folder(
+    write_adapter(
+        plan.out_format,
         out,
         tensors=iter_merged(plan, on_module),
         config=_output_config(plan),
-        metadata=provenance(plan),
+        metadata=output_metadata(plan.adapters, provenance(plan), plan.rank),
         force=plan.options.force,
-        card=model_card(plan, command),
+        card=model_card(plan, command) if plan.out_format == "peft" else None,
+        extra_files=extra_files,
+        target=plan.options.target,
     )
     return plan

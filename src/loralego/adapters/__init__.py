@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LoraLegoError
 from .base import Adapter, ModuleInfo, memory_adapter, natural_key
+from .formats import open_adapter, write_adapter
 from .peft import load_peft, write_peft_folder
 
 
 def load(path: str | Path, name: str | None = None) -> Adapter:
-    """Open an adapter (a PEFT folder) lazily; tensors are read module by module when merged."""
-    path = Path(path)
-    try:
-        exists = path.exists()
-    except OSError as error:  # e.g. a parent folder without search permission
-        raise LoraLegoError(f"{path}: cannot open: {error.strerror or error}") from None
-    if not exists:
-        raise LoraLegoError(f"{path}: no such file or folder")
-    return load_peft(path, name=name)
+    """Open an adapter lazily (tensors are read module by module when merged): a PEFT folder, a kohya or
+    diffusers ``.safetensors`` file, or a Hugging Face model id already in the local hub cache."""
+    return open_adapter(path, name)
 
 
-__all__ = ["Adapter", "ModuleInfo", "load", "load_peft", "memory_adapter", "natural_key", "write_peft_folder"]
+__all__ = [
+    "Adapter",
+    "ModuleInfo",
+    "load",
+    "load_peft",
+    "memory_adapter",
+    "natural_key",
+    "open_adapter",
+    "write_adapter",
+    "write_peft_folder",
+]

@@ -37,6 +37,10 @@ def atomic_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        # mkdtemp makes the folder 0700; the output should get the usual permissions (umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
     except OSError as error:
         _remove_empty(created)
         raise LoraLegoError(f"{out}: cannot create the output folder: {error.strerror or error}") from None

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import LoraLegoError
 from ..msu import Factors, fold_scale
 
 
@@ -117,18 +118,25 @@ class Adapter:
         }
 
     def save(self, out: str | Path, *, force: bool = False, command: str | None = None) -> Path:
-        """Write this adapter as a PEFT folder, atomically."""
-        from .peft import write_peft_folder
+        """Write this adapter in its format (a PEFT folder, or one kohya / diffusers file), atomically."""
+        from .formats import write_adapter
 
+        if self.path is not None:  # --force would otherwise replace (delete) the folder being read
+            target, source = Path(out).resolve(), self.path.resolve()
+            if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+                raise LoraLegoError(f"{out}: output overlaps this adapter's own folder {self.path}; choose another")
         tensors = ((name, *self.stored(name)) for name in self.modules)
-        return write_peft_folder(
+        write_adapter(
+            self.format,
             Path(out),
             tensors=tensors,
             config=self.config,
             metadata=self.metadata,
             force=force,
             card=command,
+            alphas={name: info.alpha for name, info in self.modules.items()},
         )
+        return Path(out)
 
 
 def memory_adapter(

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import LoraLegoError
+from ..finite import all_finite
+from . import safetensors_read
 from .atomic import atomic_folder
 from .base import Adapter, ModuleInfo, natural_key
 from .safetensors_stream import SafetensorsStreamWriter
@@ -69,7 +71,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
-        raise LoraLegoError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise LoraLegoError(f"{path}: not valid JSON ({error.msg}: line {error.lineno} column {error.colno})") from None
     except RecursionError:
         raise LoraLegoError(f"{path}: not a PEFT config (JSON nested too deeply)") from None
     if not isinstance(config, dict):
@@ -159,11 +161,19 @@ class _SafetensorsFile:
             self.shapes = {key: tuple(self._handle.get_slice(key).get_shape()) for key in self.keys}
             self.dtypes = {key: _DTYPES.get(self._handle.get_slice(key).get_dtype()) for key in self.keys}
             self.metadata = self._handle.metadata() or {}
+            # Tensors are read with pread (safetensors_read): a long-lived mmap would keep every page read
+            # resident in this process, growing RSS by the size of all inputs over a merge.
+            self._spans = safetensors_read.data_spans(path) if safetensors_read.NATIVE else {}
         except Exception as error:  # any failure to parse an untrusted file is a refusal, whatever its type
-            raise LoraLegoError(f"{path}: not a readable safetensors file ({_one_line(error)})") from None
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
+            raise LoraLegoError(f"{path}: not a readable safetensors file ({reason})") from None
+        if set(self._spans) == set(self.keys) and all(self.dtypes.values()):
+            self._handle = None  # unmaps the file
 
     def get(self, key: str) -> torch.Tensor:
         try:
+            if self._handle is None:
+                return safetensors_read.read_tensor(self.path, self._spans[key], self.dtypes[key], self.shapes[key])
             return self._handle.get_tensor(key)
         except Exception as error:  # a file that parsed but cannot be read back is still the file's fault
             raise LoraLegoError(f"{self.path}: tensor {key}: cannot read ({_one_line(error)})") from None
@@ -208,16 +218,19 @@ def _require_file(path: Path) -> None:
 
 
 # torch's weights-only errors are paragraphs that end in advice to load with weights_only=False; keep the fact.
-_UNPICKLING_FACT = re.compile(
-    r"(unsupported GLOBAL \S+|Unsupported operand \S+|Unsupported class \S+|[^.]*zip archive[^.]*)"
+_UNPICKLING_FACTS = (
+    (re.compile(r"GLOBAL (\S+?)[.,]?(?:\s|$)"), "unsupported GLOBAL {}"),
+    (re.compile(r"WeightsUnpickler error: (.+?)(?:\s+Check the documentation|\.\s|$)"), "{}"),
+    (re.compile(r"([^.]*zip archive[^.]*)"), "{}"),
 )
 
 
 def _unpickling_reason(error: BaseException) -> str:
     text = _one_line(error)
-    found = _UNPICKLING_FACT.search(text)
-    if found:
-        return found.group(1).strip().rstrip(":")
+    for pattern, template in _UNPICKLING_FACTS:
+        found = pattern.search(text)
+        if found:
+            return template.format(found.group(1).strip())
     return text if len(text) <= 160 else text[:157] + "..."
 
 
@@ -306,7 +319,7 @@ def load_peft(folder: str | Path, name: str | None = None) -> Adapter:
         keys = groups[module]
         lora_a, lora_b = weights.get(keys["A"]), weights.get(keys["B"])
         for key, tensor in ((keys["A"], lora_a), (keys["B"], lora_b)):
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise LoraLegoError(f"{weights.path}: tensor {key}: contains NaN or Inf")
         return lora_a, lora_b
 
@@ -386,11 +399,13 @@ def write_peft_folder(
     metadata: dict[str, str] | None = None,
     force: bool = False,
     card: str | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``(module, A, B)`` tensors as a PEFT folder, atomically, streaming tensors to disk.
 
     ``config`` is either the final config or a function of ``{module: rank}`` (known once all tensors are
-    written). ``card`` is the model card text (README.md), if any.
+    written). ``card`` is the model card text (README.md), if any; ``extra_files`` maps further file names
+    to their text (e.g. the recipe the merge was run from), written inside the same atomic folder.
     """
     with atomic_folder(out, force=force) as tmp:
         ranks: dict[str, int] = {}
@@ -404,4 +419,6 @@ def write_peft_folder(
         (tmp / CONFIG_NAME).write_text(json.dumps(final_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text, encoding="utf-8")
     return out

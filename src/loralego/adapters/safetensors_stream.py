@@ -39,7 +39,8 @@ class SafetensorsStreamWriter:
         if name in self._entries:
             raise ValueError(f"duplicate tensor name {name}")
         tensor = tensor.detach().to("cpu").contiguous()
-        raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        # reshape(-1): a 0-d tensor (a kohya alpha) cannot be viewed as bytes; the header keeps its shape.
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         self._data.write(raw)
         self._entries[name] = {
             "dtype": _DTYPE_NAMES[tensor.dtype],

@@ -27,6 +27,16 @@ def get_method(name: str) -> MergeMethod:
 
 
 # Importing the method modules registers them.
-from . import cat, lego, linear, svd, task_arithmetic  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    cat,
+    dare_linear,
+    dare_ties,
+    lego,
+    linear,
+    magnitude_prune,
+    svd,
+    task_arithmetic,
+    ties,
+)
 
 __all__ = ["METHODS", "MergeMethod", "ModuleJob", "ModuleResult", "get_method", "register"]

@@ -2,8 +2,9 @@
 
 Its update ``(sum B_j)(sum A_j)`` carries cross terms ``B_i A_j`` that belong to no input: this is the
 baseline the rank-wise methods are compared with, not an exact merge. Scale and weight are folded as
-``sqrt(w s)`` on each factor, so it equals PEFT's ``linear`` whenever the inputs share ``alpha / r``
-(PEFT puts ``sqrt(w) s`` on A and ``sqrt(w)`` on B, so its cross terms use the other adapter's scale).
+``sqrt(w s)`` on each factor (sign of w on A), exactly as PEFT 0.21's ``linear`` does, so the two agree for
+any scales (tests/test_baselines.py). Older PEFT releases put ``sqrt(w) s`` on A and ``sqrt(w)`` on B, so
+their cross terms used the other adapter's scale; they agree with this one only when all share ``alpha / r``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,237 @@
+"""Merge the committed task LoRAs with every method and score them on all tasks (SmolLM2-135M, offline).
+
+Resumable: every finished run is appended to ``results/<set>.json`` and skipped next time, so the
+evaluation can be run in pieces. Usage (see docs/results.md for the full run):
+
+  python bench/quality/evaluate.py run --set uniform           # all runs of the uniform rank-8 set
+  python bench/quality/evaluate.py run --set hetero            # ranks 4/8/16, alpha != r
+  python bench/quality/evaluate.py run --set uniform --only lego  # runs whose name starts with lego
+  python bench/quality/evaluate.py list --set uniform          # the planned runs
+
+Weights: ``linear`` and ``cat`` average (w = 1/n: weight averaging and the output ensemble), all other
+methods sum (w = 1: task arithmetic, TIES and DARE as published, LoRA-LEGO as in the paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from tasks import IN_DOMAIN  # noqa: E402
+
+import loralego  # noqa: E402
+
+RESULTS = HERE / "results"
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One merge to score: a name, the merge options, and whether to score the mixed setting too."""
+
+    name: str
+    group: str  # method family shown in tables and plots
+    options: dict[str, Any]
+    mixed: bool = False
+    inputs: tuple[str, ...] | None = None  # default: every in-domain task adapter
+    tasks: tuple[str, ...] | None = None  # default: every task
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(adapter_set: str) -> list[Run]:
+    """The evaluation's runs for one adapter set (the same list on every machine)."""
+    n = len(IN_DOMAIN)
+    r = 8  # the uniform set's rank, and the mean rank of the hetero set (4, 8, 16 cycling)
+    ks = (r, 2 * r, 4 * r, 8 * r)
+    average = [1.0 / n] * n
+    runs: list[Run] = []
+    if adapter_set == "uniform":
+        runs.append(Run("linear", "linear", {"method": "linear", "weights": average}, mixed=True))
+    runs += [
+        Run("cat", "cat", {"method": "cat", "weights": average}, mixed=True),
+        Run("task_arithmetic", "task_arithmetic", {"method": "task_arithmetic"}, mixed=True),
+        Run(f"svd_k{r}", "svd", {"method": "svd", "rank": r}),
+    ]
+    for density in (0.1, 0.2, 0.5):
+        runs.append(
+            Run(
+                f"ties_d{density}_k{r}",
+                "ties",
+                {"method": "ties", "rank": r, "density": density},
+                mixed=density == 0.2,
+                meta={"density": density},
+            )
+        )
+    for seed in SEEDS:
+        runs.append(
+            Run(
+                f"dare_ties_d0.5_k{r}_s{seed}",
+                "dare_ties",
+                {"method": "dare_ties", "rank": r, "density": 0.5, "seed": seed},
+                meta={"seed": seed},
+            )
+        )
+    for method in ("lego", "lego+"):
+        for k in ks if method == "lego" and adapter_set == "uniform" else ks[:3]:
+            for seed in SEEDS:
+                runs.append(
+                    Run(
+                        f"{method}_k{k}_s{seed}",
+                        method,
+                        {"method": method, "rank": k, "seed": seed},
+                        mixed=k == r and seed == 0,
+                        meta={"k": k, "seed": seed},
+                    )
+                )
+    ablations = {
+        "lego_noparam": {"param_reweight": False},
+        "lego_nooutput": {"output_reweight": False},
+        "lego_l2": {"norm": "2"},
+        "lego_gauge": {"gauge": "balanced"},
+        "lego_directions": {"gauge": "balanced", "cluster_on": "directions"},
+        "lego_rank1": {"representative": "rank1"},
+    }
+    for name, extra in ablations.items() if adapter_set == "uniform" else ():
+        for seed in SEEDS:
+            runs.append(
+                Run(
+                    f"{name}_k{r}_s{seed}",
+                    name,
+                    {"method": "lego", "rank": r, "seed": seed, **extra},
+                    meta={"k": r, "seed": seed},
+                )
+            )
+    if adapter_set == "hetero":
+        # Pruning: the rank-16 chat_topic LoRA reduced to k = 4 and 8, scored on its own task.
+        for method in ("lego", "svd"):
+            for k in (4, 8):
+                runs.append(
+                    Run(
+                        f"prune_{method}_k{k}",
+                        f"prune_{method}",
+                        {"method": method, "rank": k},
+                        inputs=("chat_topic",),
+                        tasks=("chat_topic",),
+                        meta={"k": k},
+                    )
+                )
+    # Most informative first, so a partial run (the evaluation is resumable) already answers the question.
+    return sorted(runs, key=_priority)
+
+
+def _priority(item: Run) -> int:
+    seed = item.meta.get("seed", 0)
+    if item.group.startswith("prune"):
+        return 1
+    if item.group in ("lego", "lego+") or item.group.startswith("lego_"):
+        return 0 if seed == 0 and not item.group.startswith("lego_") else 2
+    if item.group == "ties" and item.meta.get("density") != 0.2:
+        return 2
+    return 0 if seed == 0 else 2
+
+
+def adapter_paths(adapter_set: str, tasks: tuple[str, ...] | None = None) -> list[Path]:
+    names = tasks or tuple(IN_DOMAIN)
+    return [HERE / "adapters" / adapter_set / name for name in names]
+
+
+def load_results(adapter_set: str) -> dict[str, Any]:
+    path = RESULTS / f"{adapter_set}.json"
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+
+def save_results(adapter_set: str, results: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{adapter_set}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def run(adapter_set: str, only: list[str] | None, batch_size: int) -> None:
+    from models import load_smollm2
+    from score import AdapterBench
+    from tasks import load_tasks
+
+    torch.set_num_threads(int(os.environ.get("EVAL_THREADS", "2")))
+    results = load_results(adapter_set)
+    todo = [r for r in plan(adapter_set) if r.name not in results["runs"]]
+    todo = [r for r in todo if not only or any(r.name.startswith(prefix) for prefix in only)]
+    todo_base = "base" not in results or "singles" not in results
+    if not todo and not todo_base:
+        print("nothing to do")
+        return
+    start = time.perf_counter()
+    base, tokenizer = load_smollm2()
+    tasks = load_tasks()
+    bench = AdapterBench(base, tokenizer)
+    print(f"loaded model and tasks in {time.perf_counter() - start:.1f}s", flush=True)
+    results["test_sizes"] = {name: len(task.test) for name, task in tasks.items()}
+    if todo_base:
+        start = time.perf_counter()
+        results["base"] = bench.score_base(tasks, batch_size=batch_size)
+        results["singles"] = {}
+        for name in IN_DOMAIN:
+            path = adapter_paths(adapter_set, (name,))[0]
+            results["singles"][name] = bench.score_adapter(path, tasks, batch_size=batch_size)
+        results["singles_seconds"] = round(time.perf_counter() - start, 1)
+        save_results(adapter_set, results)
+        print(f"base and single-task LoRAs scored in {results['singles_seconds']}s", flush=True)
+    for item in todo:
+        inputs = [loralego.load(path) for path in adapter_paths(adapter_set, item.inputs)]
+        run_tasks = {name: tasks[name] for name in (item.tasks or tuple(tasks))}
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            loralego.merge(inputs, **item.options).save(Path(tmp) / "merged")
+            merge_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            scores = bench.score_adapter(Path(tmp) / "merged", run_tasks, batch_size=batch_size)
+            mixed = None
+            if item.mixed:
+                mixed = bench.score_adapter(Path(tmp) / "merged", run_tasks, mixed=True, batch_size=batch_size)
+            score_seconds = time.perf_counter() - t0
+        results["runs"][item.name] = {
+            "group": item.group,
+            "options": item.options,
+            "meta": item.meta,
+            "scores": scores,
+            "mixed": mixed,
+            "merge_seconds": round(merge_seconds, 2),
+            "score_seconds": round(score_seconds, 1),
+        }
+        save_results(adapter_set, results)
+        print(
+            f"{item.name:28s} merge {merge_seconds:5.1f}s score {score_seconds:5.1f}s  "
+            + " ".join(f"{k}={v:.2f}" for k, v in scores.items()),
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "list"])
+    parser.add_argument("--set", dest="adapter_set", choices=["uniform", "hetero"], default="uniform")
+    parser.add_argument("--only", nargs="*", help="run names starting with any of these")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    if args.command == "list":
+        for item in plan(args.adapter_set):
+            print(item.name, json.dumps(item.options))
+        return
+    run(args.adapter_set, args.only, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

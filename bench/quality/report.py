@@ -1,0 +1,234 @@
+"""Turn results/<set>.json (written by evaluate.py) into docs/results.md tables and PNG plots.
+
+  python bench/quality/report.py            # reads every results/*.json, writes docs/results-tables.md + docs/img/
+
+Scores: in-domain tasks are normalised by the task's own LoRA on that task (1.0 = as good as the LoRA
+trained for it), then averaged ("ID norm"); out-of-domain tasks have no LoRA of their own, so their raw
+accuracies are averaged ("OOD acc"). Runs that differ only by seed are reported as mean ± standard
+deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from tasks import IN_DOMAIN, OUT_OF_DOMAIN  # noqa: E402
+
+ROOT = HERE.parents[1]
+DOCS = ROOT / "docs"
+IMG = DOCS / "img"
+
+
+def normalised(scores: dict[str, float], singles: dict[str, dict[str, float]]) -> dict[str, float]:
+    """ID norm (mean of acc / own-LoRA acc over in-domain tasks) and OOD acc (mean raw accuracy)."""
+    ratios = [scores[t] / singles[t][t] for t in IN_DOMAIN if t in scores and singles[t][t] > 0]
+    ood = [scores[t] for t in OUT_OF_DOMAIN if t in scores]
+    return {
+        "id_norm": sum(ratios) / len(ratios) if ratios else float("nan"),
+        "ood": sum(ood) / len(ood) if ood else float("nan"),
+    }
+
+
+def variant_key(name: str) -> str:
+    """The run name without its seed: runs sharing a key are seeds of one variant."""
+    return re.sub(r"_s\d+$", "", name)
+
+
+def aggregate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Group runs by variant; mean and spread of every score over seeds."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for name, run in results["runs"].items():
+        if run["group"].startswith("prune"):
+            continue
+        groups[variant_key(name)].append(run)
+    table = {}
+    for key, runs in groups.items():
+        rows = [dict(run["scores"], **normalised(run["scores"], results["singles"])) for run in runs]
+        columns = rows[0].keys()
+        table[key] = {
+            "group": runs[0]["group"],
+            "meta": runs[0]["meta"],
+            "seeds": len(runs),
+            "mean": {c: statistics.fmean(r[c] for r in rows) for c in columns},
+            "std": {c: statistics.pstdev([r[c] for r in rows]) if len(rows) > 1 else 0.0 for c in columns},
+            "merge_seconds": statistics.fmean(run["merge_seconds"] for run in runs),
+            "mixed": runs[0].get("mixed"),
+        }
+    return table
+
+
+def _fmt(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f}"
+
+
+def markdown(adapter_set: str, results: dict[str, Any]) -> str:
+    table = aggregate(results)
+    singles = results["singles"]
+    tasks = list(IN_DOMAIN) + list(OUT_OF_DOMAIN)
+    sizes = results.get("test_sizes", {})
+    lines = [f"### Adapter set `{adapter_set}`", ""]
+    lines.append("Test sizes: " + ", ".join(f"{t} {sizes.get(t, '?')}" for t in tasks) + ".")
+    lines += [
+        "",
+        "| run | seeds | ID norm | OOD acc | " + " | ".join(tasks) + " | merge s |",
+        "|---|---|---|---|" + "---|" * len(tasks) + "---|",
+    ]
+    base = dict(results["base"], **normalised(results["base"], singles))
+    lines.append(
+        f"| base model | - | {base['id_norm']:.3f} | {base['ood']:.3f} | "
+        + " | ".join(f"{base[t]:.3f}" for t in tasks)
+        + " | - |"
+    )
+    own = {t: singles[t][t] for t in IN_DOMAIN}
+    lines.append(
+        "| task LoRA on its own task (upper bound) | - | 1.000 | - | "
+        + " | ".join(f"{own[t]:.3f}" if t in own else "-" for t in tasks)
+        + " | - |"
+    )
+    best_single_ood = {t: max(singles[s][t] for s in IN_DOMAIN) for t in OUT_OF_DOMAIN}
+    lines.append(
+        "| best single task LoRA on OOD task | - | - | "
+        f"{statistics.fmean(best_single_ood.values()):.3f} | "
+        + " | ".join(f"{best_single_ood[t]:.3f}" if t in best_single_ood else "-" for t in tasks)
+        + " | - |"
+    )
+    for key in sorted(table, key=lambda k: -table[k]["mean"]["id_norm"]):
+        row = table[key]
+        m, s, n = row["mean"], row["std"], row["seeds"]
+        lines.append(
+            f"| {key} | {n} | {_fmt(m['id_norm'], s['id_norm'], n)} | {_fmt(m['ood'], s['ood'], n)} | "
+            + " | ".join(f"{m[t]:.3f}" for t in tasks)
+            + f" | {row['merge_seconds']:.1f} |"
+        )
+    mixed = {k: v["mixed"] for k, v in table.items() if v.get("mixed")}
+    if mixed:
+        lines += [
+            "",
+            "Mixed-task setting (one shuffled mixture of every task's test examples, one merged adapter):",
+            "",
+            "| run | overall acc | macro acc | ID norm | OOD acc |",
+            "|---|---|---|---|---|",
+        ]
+        for key, scores in sorted(mixed.items(), key=lambda kv: -kv[1]["macro"]):
+            norm = normalised(scores, singles)
+            lines.append(
+                f"| {key} | {scores['overall']:.3f} | {scores['macro']:.3f} | {norm['id_norm']:.3f} | "
+                f"{norm['ood']:.3f} |"
+            )
+    prune = {name: run for name, run in results["runs"].items() if run["group"].startswith("prune")}
+    if prune:
+        task = next(iter(prune.values()))["options"]
+        lines += [
+            "",
+            "Pruning the rank-16 `chat_topic` LoRA (accuracy on its own task; unpruned: "
+            f"{singles['chat_topic']['chat_topic']:.3f}):",
+            "",
+            "| run | accuracy |",
+            "|---|---|",
+        ]
+        del task
+        for name, run in sorted(prune.items()):
+            lines.append(f"| {name} | {run['scores']['chat_topic']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(adapter_set: str, results: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = aggregate(results)
+    IMG.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, title in ((axes[0], "id_norm", "in-domain (normalised)"), (axes[1], "ood", "out-of-domain acc")):
+        for group, style in (("lego", "o-"), ("lego+", "s-")):
+            points = sorted(
+                (row["meta"]["k"], row["mean"][metric], row["std"][metric])
+                for row in table.values()
+                if row["group"] == group
+            )
+            if points:
+                ks, means, stds = zip(*points, strict=True)
+                ax.errorbar(ks, means, yerr=stds, fmt=style, capsize=3, label=group)
+        baselines = [key for key in ("cat", "task_arithmetic", "linear", "svd_k8", "ties_d0.2_k8", "dare_ties_d0.5_k8")
+                     if key in table]
+        for index, key in enumerate(baselines):
+            ax.axhline(table[key]["mean"][metric], linestyle="--", linewidth=1, color=f"C{index + 2}", label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("output rank k")
+        ax.set_title(f"{adapter_set}: {title}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = IMG / f"{adapter_set}_accuracy_vs_k.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    headline = [
+        k
+        for k in (
+            "linear",
+            "cat",
+            "task_arithmetic",
+            "svd_k8",
+            "ties_d0.2_k8",
+            "dare_ties_d0.5_k8",
+            "lego_k8",
+            "lego_k16",
+            "lego+_k8",
+            "lego+_k16",
+        )
+        if k in table
+    ]
+    tasks = list(IN_DOMAIN) + list(OUT_OF_DOMAIN)
+    fig, ax = plt.subplots(figsize=(13, 4))
+    width = 0.8 / (len(headline) + 1)
+    own = [results["singles"][t][t] if t in IN_DOMAIN else 0.0 for t in tasks]
+    ax.bar([i for i in range(len(tasks))], own, width, label="own task LoRA", color="lightgray")
+    for j, key in enumerate(headline, start=1):
+        ax.bar(
+            [i + j * width for i in range(len(tasks))],
+            [table[key]["mean"][t] for t in tasks],
+            width,
+            yerr=[table[key]["std"][t] for t in tasks],
+            label=key,
+        )
+    ax.set_xticks([i + 0.4 for i in range(len(tasks))], tasks, rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{adapter_set}: per-task accuracy of one merged adapter")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    path = IMG / f"{adapter_set}_per_task.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def main() -> None:
+    parts = []
+    for path in sorted((HERE / "results").glob("*.json")):
+        results = json.loads(path.read_text())
+        if "singles" not in results:
+            continue
+        parts.append(markdown(path.stem, results))
+        for image in plots(path.stem, results):
+            parts.append(f"![{image.stem}](img/{image.name})\n")
+    out = DOCS / "results-tables.md"
+    out.write_text("<!-- generated by: python bench/quality/report.py -->\n\n" + "\n".join(parts))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

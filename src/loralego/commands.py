@@ -1,0 +1,78 @@
+"""One code path for ``loralego merge`` and ``loralego run recipe.yaml``: the same inputs and options give
+the same output bytes whichever way they were given (tested)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .adapters import load
+from .adapters.peft import CONFIG_NAME
+from .options import MergeOptions
+from .pipeline import MergePlan, merge_to_folder
+
+
+def execute_merge(
+    inputs: Sequence[str],
+    out: str | Path,
+    options: MergeOptions,
+    *,
+    command: str,
+    report: str | Path | None = None,
+    recipe_text: str | None = None,
+    quiet: bool = False,
+) -> MergePlan:
+    """Load, merge, write (and report); print what was done unless ``quiet``."""
+    from .recipe import RECIPE_FILE
+
+    if report is not None:
+        from .report import check_report_path
+
+        check_report_path(report, options.force)
+    adapters = [load(path) for path in inputs]
+    collector = None
+    if report is not None:
+        from .report import ReportCollector
+
+        collector = ReportCollector(adapters, options)
+    start = time.perf_counter()
+    plan = merge_to_folder(
+        adapters,
+        out,
+        options,
+        command=command,
+        on_module=collector.on_module if collector is not None else None,
+        extra_files={RECIPE_FILE: recipe_text} if recipe_text is not None else None,
+    )
+    seconds = time.perf_counter() - start
+    for warning in plan.warnings:
+        print(f"loralego: warning: {warning}", file=sys.stderr)
+    if collector is not None and report is not None:
+        from .report import write_merge_report
+
+        write_merge_report(
+            report,
+            collector,
+            method=plan.method.name,
+            options=plan.options,
+            command=command,
+            output=out,
+            merge_seconds=seconds,
+            force=plan.options.force,
+        )
+    if not quiet:
+        rank = plan.rank if plan.rank is not None else "exact"
+        print(
+            f"merged {len(adapters)} adapters with {plan.method.name} (rank {rank}) into {out}: "
+            f"{len(plan.modules)} modules in {seconds:.2f} s"
+        )
+        if report is not None:
+            print(f"report: {report}")
+    if plan.options.target == "vllm" and not quiet:
+        served = json.loads((Path(out) / CONFIG_NAME).read_text(encoding="utf-8"))["r"]
+        padded = "" if plan.rank in (None, served) else f" (rank {plan.rank} padded with zero units to {served})"
+        print(f"vLLM: serve with --enable-lora --max-lora-rank {served}{padded}")
+    return plan
