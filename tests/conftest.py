@@ -10,6 +10,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub in tests
+# The tests use tiny tensors: one thread avoids OpenMP overhead and oversubscription on a 2-core CI box.
+torch.set_num_threads(1)
 
 BASE_NAME = "tiny-llama-for-tests"
 

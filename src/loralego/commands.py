@@ -13,6 +13,7 @@ from .adapters import load
 from .adapters.peft import CONFIG_NAME
 from .options import MergeOptions
 from .pipeline import MergePlan, merge_to_folder
+from .progress import Progress, peak_rss_mb
 
 
 def execute_merge(
@@ -32,21 +33,28 @@ def execute_merge(
         from .report import check_report_path
 
         check_report_path(report, options.force)
+    started = time.perf_counter()
     adapters = [load(path) for path in inputs]
     collector = None
     if report is not None:
         from .report import ReportCollector
 
         collector = ReportCollector(adapters, options)
+    progress = None if quiet else Progress(len({module for adapter in adapters for module in adapter.modules}))
+    callbacks = [c for c in (collector.on_module if collector is not None else None, progress) if c is not None]
     start = time.perf_counter()
-    plan = merge_to_folder(
-        adapters,
-        out,
-        options,
-        command=command,
-        on_module=collector.on_module if collector is not None else None,
-        extra_files={RECIPE_FILE: recipe_text} if recipe_text is not None else None,
-    )
+    try:
+        plan = merge_to_folder(
+            adapters,
+            out,
+            options,
+            command=command,
+            on_module=(lambda module, result: [c(module, result) for c in callbacks]) if callbacks else None,
+            extra_files={RECIPE_FILE: recipe_text} if recipe_text is not None else None,
+        )
+    finally:  # end the progress line before any error or summary is printed
+        if progress is not None:
+            progress.close()
     seconds = time.perf_counter() - start
     for warning in plan.warnings:
         print(f"loralego: warning: {warning}", file=sys.stderr)
@@ -67,7 +75,8 @@ def execute_merge(
         rank = plan.rank if plan.rank is not None else "exact"
         print(
             f"merged {len(adapters)} adapters with {plan.method.name} (rank {rank}) into {out}: "
-            f"{len(plan.modules)} modules in {seconds:.2f} s"
+            f"{len(plan.modules)} modules in {time.perf_counter() - started:.2f} s (reading included), "
+            f"peak memory {peak_rss_mb():.0f} MB"
         )
         if report is not None:
             print(f"report: {report}")
