@@ -280,7 +280,7 @@ def run_n(n: int, folders: list[Path], opts: argparse.Namespace, cold: bool) -> 
         command += ["--combinations", *combinations]
         if (out_root / "svd").exists():
             command += ["--compare", str(out_root / "svd")]
-        run = measure(command + list(map(str, folders)), cold=False, env=opts.env)
+        run = measure([*command, "--", *map(str, folders)], cold=False, env=opts.env)
         rows["peft"] = json.loads(run["stdout"].strip().splitlines()[-1]) | {
             "process_seconds": run["seconds"],
             "rss_mb": run["rss_mb"],

@@ -132,11 +132,16 @@ def plan(adapter_set: str) -> list[Run]:
 
 
 def _priority(item: Run) -> int:
-    seed = item.meta.get("seed", 0)
+    """0: one run of every method at k = r; 1: its other seeds and lego at larger k; 2: the rest; 3: ablations."""
+    seed, k = item.meta.get("seed", 0), item.meta.get("k", 8)
+    if item.group.startswith("lego_"):
+        return 3
     if item.group.startswith("prune"):
         return 1
-    if item.group in ("lego", "lego+") or item.group.startswith("lego_"):
-        return 0 if seed == 0 and not item.group.startswith("lego_") else 2
+    if item.group in ("lego", "lego+"):
+        if k == 8:
+            return 0 if seed == 0 else 1
+        return 1 if seed == 0 else 2
     if item.group == "ties" and item.meta.get("density") != 0.2:
         return 2
     return 0 if seed == 0 else 2

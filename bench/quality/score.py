@@ -292,6 +292,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="set/task names to score")
     # 1 thread by default: see train.THREADS (2 threads stall when the cores are shared).
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-done", action="store_true", help="keep entries already in --out")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -307,6 +308,8 @@ def main() -> None:
     runs = [("base", None), *adapter_dirs(args.adapters)]
     for label, path in runs:
         if args.only is not None and label not in args.only:
+            continue
+        if args.skip_done and label in results:
             continue
         start = time.perf_counter()
         kwargs = {"batch_size": args.batch_size, "bf16": not args.fp32}

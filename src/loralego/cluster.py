@@ -11,21 +11,27 @@ def squared_distances(points: torch.Tensor, centers: torch.Tensor) -> torch.Tens
     return sq.clamp_min_(0.0)
 
 
-def span_coordinates(points: torch.Tensor) -> torch.Tensor:
-    """Coordinates of the n rows in an n-dimensional space that holds them: ``n x n``, same pairwise distances.
+def gram_coordinates(gram: torch.Tensor) -> torch.Tensor:
+    """Coordinates of n points given only their Gram matrix ``G = X X^T``: the rows of L with ``L L^T = G``.
 
-    k-means sees the points only through distances, so clustering these coordinates is the same clustering
-    (up to rounding) at O(n^2) per distance pass instead of O(n d): with LoRA units n (the pooled rank) is
-    far below d (d_in + d_out, thousands), e.g. 64 units of 15104 numbers for 8 rank-8 Llama adapters.
-    The coordinates are the rows of L in the Gram matrix ``G = X X^T = L L^T`` (Cholesky, in float64 from a
-    float32 Gram: as accurate as :func:`squared_distances`); a singular G (duplicated units) uses ``eigh``.
+    k-means sees the points only through distances, which these ``n x n`` coordinates keep (up to rounding),
+    so clustering them is the same clustering at O(n^2) per distance pass instead of O(n d): with LoRA units
+    n (the pooled rank) is far below d (d_in + d_out), e.g. 64 units of 15104 numbers for 8 rank-8 Llama
+    adapters. Cholesky in float64 (as accurate as :func:`squared_distances` on a float32 Gram); a singular G
+    (duplicated units) uses ``eigh``.
     """
-    gram = (points @ points.T).double()
+    gram = gram.double()
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         factor = eigenvectors * eigenvalues.clamp_min(0.0).sqrt()
-    return factor.to(points.dtype)
+    return factor
+
+
+def gram_distances(gram: torch.Tensor) -> torch.Tensor:
+    """All squared distances ``||x_i - x_j||^2 = G_ii + G_jj - 2 G_ij`` from the Gram matrix; the diagonal is 0."""
+    diagonal = gram.diagonal()
+    return (diagonal[:, None] + diagonal[None, :] - 2.0 * gram).clamp_min_(0.0)
 
 
 def kmeans_plus_plus(
@@ -45,15 +51,15 @@ def kmeans_plus_plus(
 
     n = points.shape[0]
     chosen = [int(torch.randint(n, (1,), generator=generator))]
-    closest = to_point(chosen[0])
+    closest = to_point(chosen[0]).double()  # the float32 distances, exactly; multinomial draws from float64
     for _ in range(1, n_clusters):
-        weights = closest.double()
+        weights = closest
         if float(weights.sum()) <= 0.0:
             weights = torch.ones(n, dtype=torch.float64)
             weights[chosen] = 0.0
         index = int(torch.multinomial(weights, 1, generator=generator))
         chosen.append(index)
-        closest = torch.minimum(closest, to_point(index))
+        closest = torch.minimum(closest, to_point(index).double())
     return torch.tensor(chosen)
 
 
@@ -68,7 +74,14 @@ def cluster_means(points: torch.Tensor, labels: torch.Tensor, n_clusters: int) -
     return (one_hot @ points) / counts.clamp_min(1)[:, None].to(points.dtype), counts
 
 
-_PAIRWISE_MAX = 4096  # points; the n x n float32 distances then take at most 64 MiB
+def _batched_means(points: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """:func:`cluster_means` of each row of ``labels`` (``R x n``): ``R x k x d`` (an empty cluster: zeros)."""
+    one_hot = torch.nn.functional.one_hot(labels, n_clusters).to(points.dtype)
+    counts = one_hot.sum(1).clamp_min(1)
+    return (one_hot.transpose(1, 2) @ points) / counts[:, :, None]
+
+
+_PAIRWISE_MAX = 4096  # points; the n x n distances then take at most 128 MiB
 
 
 class KMeans:
@@ -93,13 +106,19 @@ class KMeans:
         generator = torch.Generator().manual_seed(self.seed)
         # Fewer points than dimensions (always so for pooled LoRA units): cluster exact low-dimensional
         # coordinates, then take the centers in the original space.
-        coords = span_coordinates(points) if points.shape[0] < points.shape[1] else points
-        # Seeding needs the distances to each chosen point: compute them all once (n x n) when that is small.
-        pairwise = squared_distances(coords, coords) if coords.shape[0] <= _PAIRWISE_MAX else None
+        # Seeding needs the distances to each chosen point: all of them at once (n x n) when that is small.
+        if points.shape[0] < points.shape[1]:
+            gram = points @ points.T
+            coords = gram_coordinates(gram).to(points.dtype)
+            pairwise: torch.Tensor | None = gram_distances(gram).double()
+        else:
+            coords = points
+            pairwise = squared_distances(points, points).double() if points.shape[0] <= _PAIRWISE_MAX else None
+        # Lloyd draws no random numbers: seeding every restart first draws the same numbers as alternating.
+        seeds = [kmeans_plus_plus(coords, self.n_clusters, generator, pairwise) for _ in range(self.n_init)]
+        starts = torch.stack([coords[s.to(coords.device)] for s in seeds])
         best: tuple[float, torch.Tensor, torch.Tensor, int] | None = None
-        for _ in range(self.n_init):
-            seeds = kmeans_plus_plus(coords, self.n_clusters, generator, pairwise)
-            labels, centers, inertia, n_iter = self._lloyd(coords, coords[seeds.to(coords.device)].clone())
+        for labels, centers, inertia, n_iter in self._lloyd_restarts(coords, starts):
             # Strict '<' keeps the earliest restart on ties: the result depends on the seed only.
             if best is None or inertia < best[0]:
                 best = (inertia, labels, centers, n_iter)
@@ -117,21 +136,43 @@ class KMeans:
             self._centers = cluster_means(self._points, self.labels_, self.n_clusters)[0]
         return self._centers
 
-    def _lloyd(self, points: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    def _lloyd_restarts(
+        self, points: torch.Tensor, centers: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor, float, int]]:
+        """Lloyd's iterations from each of the ``R x k x d`` starting centers, all restarts in the same tensor ops
+        (R times fewer torch calls: on pools of tens of units the calls, not the arithmetic, cost the time).
+
+        Each restart stops at the first iteration that leaves its labels unchanged; one that has stopped is at
+        a fixed point (its centers are the means of its labels, which are again its labels), so iterating it on
+        with the others changes nothing. Returns ``(labels, centers, inertia, n_iter)`` per restart.
+        """
+        restarts = centers.shape[0]
+        point_sq = (points * points).sum(1)[None, :, None]
         labels: torch.Tensor | None = None
-        n_iter = 0
-        for n_iter in range(1, self.max_iter + 1):  # noqa: B007 - n_iter is reported
-            distances = squared_distances(points, centers)
-            new_labels = distances.argmin(1)
-            new_labels = self._fill_empty(new_labels, distances)
-            if labels is not None and torch.equal(new_labels, labels):
-                break
+        n_iter: list[int | None] = [None] * restarts
+        for iteration in range(1, self.max_iter + 1):
+            cross = points @ centers.transpose(1, 2)
+            distances = (point_sq - 2.0 * cross + (centers * centers).sum(2)[:, None, :]).clamp_min_(0.0)
+            new_labels = distances.argmin(2)
+            counts = torch.nn.functional.one_hot(new_labels, self.n_clusters).sum(1)
+            for r in torch.nonzero((counts == 0).any(1)).flatten().tolist():
+                new_labels[r] = self._fill_empty(new_labels[r], distances[r])
+            if labels is not None:
+                unchanged = (new_labels == labels).all(1).tolist()
+                for r in range(restarts):
+                    if unchanged[r] and n_iter[r] is None:
+                        n_iter[r] = iteration
+                if all(n is not None for n in n_iter):
+                    break
             labels = new_labels
-            centers, _ = cluster_means(points, labels, self.n_clusters)
+            centers = _batched_means(points, labels, self.n_clusters)
         assert labels is not None
-        centers, _ = cluster_means(points, labels, self.n_clusters)
-        inertia = float(((points - centers[labels]) ** 2).sum())
-        return labels, centers, inertia, n_iter
+        centers = _batched_means(points, labels, self.n_clusters)
+        results = []
+        for r in range(restarts):
+            inertia = float(((points - centers[r][labels[r]]) ** 2).sum())
+            results.append((labels[r], centers[r], inertia, n_iter[r] or self.max_iter))
+        return results
 
     def _fill_empty(self, labels: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
         """Give each empty cluster the point farthest from its own center (taken from a cluster of >= 2)."""
