@@ -6,7 +6,7 @@ import torch
 from helpers import assert_updates_close, dense_updates, summed_updates
 
 import loralego
-from loralego.methods.lego import balance_gauge, directions, rank1_representatives
+from loralego.methods.lego import adapters_per_cluster, balance_gauge, directions, rank1_representatives
 from loralego.msu import from_units
 
 
@@ -60,20 +60,29 @@ def test_lego_plus_is_exact_when_every_unit_is_its_own_cluster(mixed_adapters):
     assert_updates_close(dense_updates(merged), summed_updates(adapters), rtol=1e-4, atol=1e-5)
 
 
-def test_lego_plus_on_duplicated_adapter_recovers_the_sum(adapter_factory):
-    # Two copies of one adapter, k = r: each cluster holds a unit and its copy; the rank-1 of their summed
-    # update is twice the unit, so the merge equals the exact sum (here 2x the adapter).
+def test_rank1_representatives_on_duplicated_adapter_sum_or_average(adapter_factory):
+    # Two copies of one adapter, k = r: each cluster holds a unit and its copy. The rank-1 of their summed
+    # update is twice the unit (rank1: the exact sum); divided by the 2 adapters in the cluster it is the unit
+    # itself (rank1_mean, lego+'s default: TIES' disjoint mean in rank space).
     path = adapter_factory(r=4, alpha=8, seed=11)
     adapters = [loralego.load(path, name="a"), loralego.load(path, name="b")]
-    merged = loralego.merge(adapters, method="lego+", rank=4, n_init=8)
-    assert_updates_close(dense_updates(merged), summed_updates(adapters), rtol=1e-4, atol=1e-5)
+    summed = loralego.merge(adapters, method="lego+", rank=4, n_init=8, representative="rank1")
+    assert_updates_close(dense_updates(summed), summed_updates(adapters), rtol=1e-4, atol=1e-5)
+    averaged = loralego.merge(adapters, method="lego+", rank=4, n_init=8)
+    assert_updates_close(dense_updates(averaged), dense_updates(adapters[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_per_cluster_counts_distinct_adapters():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    owner = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert adapters_per_cluster(labels, owner, 4).tolist() == [1, 3, 1, 1]
 
 
 def test_variant_options_on_lego_match_lego_plus(mixed_adapters):
     adapters = [loralego.load(path) for path in mixed_adapters]
     plus = loralego.merge(adapters, method="lego+", rank=6, seed=4)
     spelled = loralego.merge(
-        adapters, method="lego", rank=6, seed=4, gauge="balanced", cluster_on="directions", representative="rank1"
+        adapters, method="lego", rank=6, seed=4, gauge="balanced", cluster_on="directions", representative="rank1_mean"
     )
     for module in plus.modules:
         for x, y in zip(plus.stored(module), spelled.stored(module), strict=True):

@@ -15,6 +15,7 @@ from safetensors import safe_open
 import loralego
 from loralego.cli import main
 from loralego.options import make_options
+from loralego.parallel import ordered_map
 from loralego.pipeline import iter_merged, plan_merge
 from loralego.progress import Progress
 
@@ -34,8 +35,8 @@ def _track_loads(adapters: list[loralego.Adapter]) -> dict[str, list[weakref.ref
     return loaded
 
 
-@pytest.mark.parametrize("method", ["lego", "svd", "cat"])
-def test_iter_merged_keeps_no_tensor_of_an_earlier_module(mixed_adapters, method):
+@pytest.mark.parametrize(("method", "workers"), [("lego", 1), ("svd", 1), ("cat", 1), ("lego", 2)])
+def test_iter_merged_keeps_no_tensor_of_an_earlier_module(mixed_adapters, method, workers):
     # Memory is bounded by one module's pool only if everything read or computed for a module is freed once
     # it is written: check with weak references (CPython frees on the last reference, no gc needed).
     adapters = [loralego.load(path) for path in mixed_adapters]
@@ -47,7 +48,7 @@ def test_iter_merged_keeps_no_tensor_of_an_earlier_module(mixed_adapters, method
 
     plan = plan_merge(adapters, make_options(None, method=method, rank=4))
     done: list[str] = []
-    for module, lora_a, lora_b in iter_merged(plan, on_module):
+    for module, lora_a, lora_b in iter_merged(plan, on_module, workers=workers):
         del lora_a, lora_b
         for earlier in done:
             alive = [ref for ref in loaded[earlier] + results[earlier] if ref() is not None]
@@ -55,6 +56,32 @@ def test_iter_merged_keeps_no_tensor_of_an_earlier_module(mixed_adapters, method
         assert loaded[module], "the loader was not used"
         done.append(module)
     assert done == plan.modules and len(done) > 2
+
+
+def test_parallel_modules_give_the_same_bytes_in_order(mixed_adapters):
+    adapters = [loralego.load(path) for path in mixed_adapters]
+    plan = plan_merge(adapters, make_options(None, method="lego", rank=4))
+    one = list(iter_merged(plan, workers=1))
+    three = list(iter_merged(plan, workers=3))
+    assert [m for m, _, _ in three] == plan.modules
+    for (_, a1, b1), (_, a3, b3) in zip(one, three, strict=True):
+        assert torch.equal(a1, a3) and torch.equal(b1, b3)
+
+
+def test_ordered_map_keeps_order_bounds_work_ahead_and_raises():
+    started: list[int] = []
+
+    def work(item: int) -> int:
+        started.append(item)
+        if item == 7:
+            raise ValueError("item 7")
+        return item * item
+
+    results = ordered_map(work, range(10), workers=2)
+    assert [next(results) for _ in range(3)] == [0, 1, 4]
+    assert max(started) <= 4  # 3 taken, at most 2 more in progress
+    with pytest.raises(ValueError, match="item 7"):
+        list(results)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")

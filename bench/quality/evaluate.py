@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from tasks import IN_DOMAIN  # noqa: E402
+from tasks import IN_DOMAIN, OUT_OF_DOMAIN  # noqa: E402
 
 import loralego  # noqa: E402
 
@@ -170,7 +170,8 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int) -> None:
     from score import AdapterBench
     from tasks import load_tasks
 
-    torch.set_num_threads(int(os.environ.get("EVAL_THREADS", "2")))
+    # One thread by default: on a shared 2-core machine two OpenMP threads were several times slower.
+    torch.set_num_threads(int(os.environ.get("EVAL_THREADS", "1")))
     results = load_results(adapter_set)
     todo = [r for r in plan(adapter_set) if r.name not in results["runs"]]
     todo = [r for r in todo if not only or any(r.name.startswith(prefix) for prefix in only)]
@@ -189,8 +190,10 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int) -> None:
         results["base"] = bench.score_base(tasks, batch_size=batch_size)
         results["singles"] = {}
         for name in IN_DOMAIN:
+            # Each task LoRA on its own task (the normaliser) and on the out-of-domain tasks.
             path = adapter_paths(adapter_set, (name,))[0]
-            results["singles"][name] = bench.score_adapter(path, tasks, batch_size=batch_size)
+            own = {t: tasks[t] for t in (name, *OUT_OF_DOMAIN)}
+            results["singles"][name] = bench.score_adapter(path, own, batch_size=batch_size)
         results["singles_seconds"] = round(time.perf_counter() - start, 1)
         save_results(adapter_set, results)
         print(f"base and single-task LoRAs scored in {results['singles_seconds']}s", flush=True)

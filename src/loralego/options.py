@@ -50,10 +50,11 @@ class MergeOptions(BaseModel):
         description="cluster the units, or their per-half unit directions; default units for lego, "
         "directions for lego+",
     )
-    representative: Literal["mean", "rank1"] | None = Field(
+    representative: Literal["mean", "rank1", "rank1_mean"] | None = Field(
         None,
-        description="rank of each cluster: mean of its units, or best rank-1 approximation of its summed "
-        "update; default mean for lego, rank1 for lego+",
+        description="rank of each cluster: mean of its units; best rank-1 approximation of its summed update "
+        "(rank1); or of that sum divided by the number of input adapters in the cluster (rank1_mean); "
+        "default mean for lego, rank1_mean for lego+",
     )
     # TIES / DARE / magnitude pruning options
     density: float = Field(0.2, description="fraction of entries kept (ties, dare_*, magnitude_prune)")

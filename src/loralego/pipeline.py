@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from .finite import all_finite
 from .methods import MergeMethod, ModuleJob, ModuleResult, get_method
 from .options import MergeOptions, make_options
 from .overrides import override_for, unused_patterns
+from .parallel import default_workers, intra_op_threads, ordered_map
 from .vllm import pad_all
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -188,14 +190,22 @@ def _stored_shape(plan: MergePlan, module: str, result: ModuleResult) -> tuple[t
 
 
 def iter_merged(
-    plan: MergePlan, on_module: Callable[[str, ModuleResult], None] | None = None
+    plan: MergePlan, on_module: Callable[[str, ModuleResult], None] | None = None, *, workers: int | None = None
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield ``(module, A, B)`` in the output dtype and stored shape, one module at a time."""
-    for module in plan.modules:
-        result = merge_module(plan, module)
-        if on_module is not None:
-            on_module(module, result)
-        yield (module, *_stored_shape(plan, module, result))
+    """Yield ``(module, A, B)`` in the output dtype and stored shape, in module order.
+
+    On the CPU, ``workers`` modules (default: torch's thread count) are merged at once, each on one thread
+    (see :mod:`loralego.parallel`); memory holds at most ``workers + 1`` modules' pools.
+    """
+    workers = default_workers(plan.device) if workers is None else max(1, workers)
+    with intra_op_threads(1) if workers > 1 else contextlib.nullcontext():
+        merged = ordered_map(lambda module: merge_module(plan, module), plan.modules, workers)
+        for module, result in zip(plan.modules, merged, strict=True):
+            if on_module is not None:
+                on_module(module, result)
+            stored = _stored_shape(plan, module, result)
+            del result  # hold nothing of this module once it is yielded
+            yield (module, *stored)
 
 
 def target_modules(adapters: list[Adapter], modules: list[str]) -> list[str]:

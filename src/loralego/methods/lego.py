@@ -9,9 +9,11 @@ things, each also available on ``lego`` as an option (docs/method.md, docs/resul
   the sign, so equivalent units look alike to k-means;
 - cluster_on ``directions``: cluster the per-half unit directions, so large and small units that point the
   same way share a cluster;
-- representative ``rank1``: the best rank-1 approximation of the cluster's *summed* update (from the thin
-  factors), optimal for that cluster; it keeps each cluster's full contribution, so the reweightings,
-  which undo the shrinkage of averaging, are not applied to it.
+- representative ``rank1_mean``: the best rank-1 approximation of the cluster's *summed* update (from the
+  thin factors, optimal for that cluster), divided by the number of input adapters with units in the
+  cluster: TIES' disjoint mean in rank space (a direction one adapter owns keeps its size, a direction
+  several share is averaged). ``rank1`` keeps the plain sum. Neither shrinks norms the way averaging
+  does, so the reweightings are not applied to them.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class LegoVariant:
 
 
 PAPER = {"gauge": "none", "cluster_on": "units", "representative": "mean"}
-PLUS = {"gauge": "balanced", "cluster_on": "directions", "representative": "rank1"}
+PLUS = {"gauge": "balanced", "cluster_on": "directions", "representative": "rank1_mean"}
 
 
 def unit_norms(units: torch.Tensor, norm: str) -> torch.Tensor:
@@ -106,14 +108,28 @@ def output_scale(source_ranks: list[int], k: int, r_ref: float | None) -> float:
     return math.sqrt(reference / k)
 
 
-def rank1_representatives(units: torch.Tensor, labels: torch.Tensor, k: int, d_in: int) -> torch.Tensor:
-    """For each cluster, the unit whose update is the best rank-1 approximation of the members' summed update."""
+def rank1_representatives(
+    units: torch.Tensor, labels: torch.Tensor, k: int, d_in: int, divisors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """For each cluster, the unit whose update is the best rank-1 approximation of the members' summed update,
+    divided by ``divisors[cluster]`` when given."""
     rows = []
     for cluster in range(k):
         members = units[labels == cluster]
         lora_a, lora_b = truncate(members[:, :d_in], members[:, d_in:].T, 1)
+        if divisors is not None:
+            # Split the division evenly between the halves, like the scale folding.
+            root = float(divisors[cluster]) ** 0.5
+            lora_a, lora_b = lora_a / root, lora_b / root
         rows.append(torch.cat([lora_a[0], lora_b[:, 0]]).to(units.dtype))
     return torch.stack(rows)
+
+
+def adapters_per_cluster(labels: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
+    """How many distinct input adapters have a unit in each cluster (TIES' disjoint mean, in rank space:
+    a direction only one adapter uses keeps its full size, one shared by several is averaged)."""
+    pairs = torch.unique(torch.stack([labels.cpu(), owner]), dim=1)
+    return torch.bincount(pairs[0], minlength=k).clamp_min(1)
 
 
 def cluster_labels(features: torch.Tensor, k: int, job: ModuleJob) -> torch.Tensor:
@@ -134,9 +150,10 @@ def rankwise_merge(job: ModuleJob, variant: LegoVariant) -> ModuleResult:
     k = min(job.rank if job.rank is not None else max(job.source_ranks), units.shape[0])
     features = directions(units, d_in) if variant.cluster_on == "directions" else units
     labels = cluster_labels(features, k, job)
-    if variant.representative == "rank1":
-        ranks = rank1_representatives(units, labels, k, d_in)
-        new_a, new_b = from_units(ranks, d_in)
+    owner = torch.repeat_interleave(torch.tensor(job.adapter_indices), torch.tensor(job.source_ranks))
+    if variant.representative in ("rank1", "rank1_mean"):
+        divisors = adapters_per_cluster(labels, owner, k) if variant.representative == "rank1_mean" else None
+        new_a, new_b = from_units(rank1_representatives(units, labels, k, d_in, divisors), d_in)
     else:
         centroids = units if k == units.shape[0] else cluster_means(units, labels, k)[0]
         if variant.param_reweight:
@@ -144,7 +161,6 @@ def rankwise_merge(job: ModuleJob, variant: LegoVariant) -> ModuleResult:
         new_a, new_b = from_units(centroids, d_in)
         if variant.output_reweight:
             new_b = new_b * output_scale(job.source_ranks, k, variant.r_ref)
-    owner = torch.repeat_interleave(torch.tensor(job.adapter_indices), torch.tensor(job.source_ranks))
     return ModuleResult(new_a, new_b, {"labels": labels.cpu(), "unit_adapter": owner})
 
 
