@@ -91,7 +91,7 @@ def plan(adapter_set: str) -> list[Run]:
                         f"{method}_k{k}_s{seed}",
                         method,
                         {"method": method, "rank": k, "seed": seed},
-                        mixed=k == r and seed == 0,
+                        mixed=False,
                         meta={"k": k, "seed": seed},
                     )
                 )
