@@ -95,6 +95,10 @@ def plan(adapter_set: str) -> list[Run]:
                         meta={"k": k, "seed": seed},
                     )
                 )
+    # The same rank-wise merges at the ensemble's scale (w = 1/n): isolates clustering from output scale.
+    for method in ("lego", "lego+"):
+        runs.append(Run(f"{method}_avg_k{r}_s0", f"{method}_avg", {"method": method, "rank": r, "seed": 0,
+                                                                   "weights": average}, meta={"k": r, "seed": 0}))
     ablations = {
         "lego_noparam": {"param_reweight": False},
         "lego_nooutput": {"output_reweight": False},
@@ -134,7 +138,7 @@ def plan(adapter_set: str) -> list[Run]:
 def _priority(item: Run) -> int:
     """0: one run of every method at k = r; 1: its other seeds and lego at larger k; 2: the rest; 3: ablations."""
     seed, k = item.meta.get("seed", 0), item.meta.get("k", 8)
-    if item.group.startswith("lego_"):
+    if item.group.startswith("lego_") or item.group.endswith("_avg"):
         return 3
     if item.group.startswith("prune"):
         return 1
