@@ -28,6 +28,7 @@ from .singlefile import (
     atomic_file,
     build_adapter,
     open_safetensors,
+    pair_factors,
     read_alpha,
     require_safetensors_path,
     unsupported_feature,
@@ -115,15 +116,7 @@ def load_diffusers(path: str | Path, name: str | None = None) -> Adapter:
                 f"{path}: tensor {key}: not a LoRA factor (expected '<module>.lora_A.weight', "
                 "'<module>.lora_B.weight' or '<module>.alpha')"
             )
-    pairs: dict[str, tuple[str, str]] = {}
-    for module, slot in groups.items():
-        for which in ("A", "B"):
-            if which not in slot:
-                raise LoraLegoError(f"{path}: module {module} has no lora_{which}.weight tensor")
-        pairs[module] = (slot["A"], slot["B"])
-    for module, key in alpha_keys.items():
-        if module not in pairs:
-            raise LoraLegoError(f"{path}: tensor {key}: an alpha without lora_A/lora_B tensors")
+    pairs = pair_factors(path, groups, alpha_keys, ("A", "B"), ("lora_A", "lora_B"))
 
     configs = _metadata_configs(weights.metadata, path)
     if any(config.get("use_dora") for config in configs.values()):

@@ -26,6 +26,7 @@ from .singlefile import (
     atomic_file,
     build_adapter,
     open_safetensors,
+    pair_factors,
     read_alpha,
     require_safetensors_path,
     unsupported_feature,
@@ -75,15 +76,7 @@ def load_kohya(path: str | Path, name: str | None = None) -> Adapter:
             f"{path}: tensor {key}: not a kohya LoRA tensor (expected '<module>.lora_down.weight', "
             "'<module>.lora_up.weight' or '<module>.alpha')"
         )
-    pairs: dict[str, tuple[str, str]] = {}
-    for module, slot in groups.items():
-        for which in ("lora_down", "lora_up"):
-            if which not in slot:
-                raise LoraLegoError(f"{path}: module {module} has no {which}.weight tensor")
-        pairs[module] = (slot["lora_down"], slot["lora_up"])
-    for module, key in alpha_keys.items():
-        if module not in pairs:
-            raise LoraLegoError(f"{path}: tensor {key}: an alpha without lora_down/lora_up tensors")
+    pairs = pair_factors(path, groups, alpha_keys, ("lora_down", "lora_up"), ("lora_down", "lora_up"))
     alphas = {module: read_alpha(path, key, weights.get(key)) for module, key in alpha_keys.items()}
     architecture = weights.metadata.get("modelspec.architecture")
     config = {"base_model_name_or_path": architecture} if architecture else {}

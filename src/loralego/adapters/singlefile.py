@@ -192,3 +192,24 @@ def build_adapter(
 def open_safetensors(path: Path) -> Any:
     """Lazy header access to one safetensors file (shared with the PEFT reader)."""
     return SafetensorsFile(path)
+
+
+def pair_factors(
+    path: Path,
+    groups: dict[str, dict[str, str]],
+    alpha_keys: dict[str, str],
+    slots: tuple[str, str],
+    labels: tuple[str, str],
+) -> dict[str, tuple[str, str]]:
+    """``{module: (down key, up key)}`` from the tensor names grouped by module; every module needs both factors
+    and every alpha tensor a module. ``slots`` are the group keys, ``labels`` their names in messages."""
+    pairs: dict[str, tuple[str, str]] = {}
+    for module, slot in groups.items():
+        for which, label in zip(slots, labels, strict=True):
+            if which not in slot:
+                raise LoraLegoError(f"{path}: module {module} has no {label}.weight tensor")
+        pairs[module] = (slot[slots[0]], slot[slots[1]])
+    for module, key in alpha_keys.items():
+        if module not in pairs:
+            raise LoraLegoError(f"{path}: tensor {key}: an alpha without {labels[0]}/{labels[1]} tensors")
+    return pairs
