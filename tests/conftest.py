@@ -76,11 +76,15 @@ def adapter_factory(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture
-def mixed_adapters(adapter_factory) -> list[Path]:
+def make_mixed_adapters(root: Path) -> list[Path]:
     """Ranks 4, 8, 16 with alpha != r, one with rsLoRA, one on more modules."""
     return [
-        adapter_factory("r4", r=4, alpha=8, seed=1),
-        adapter_factory("r8", r=8, alpha=32, seed=2, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
-        adapter_factory("r16", r=16, alpha=12, seed=3, use_rslora=True),
+        make_peft_adapter(root / "r4", r=4, alpha=8, seed=1),
+        make_peft_adapter(root / "r8", r=8, alpha=32, seed=2, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+        make_peft_adapter(root / "r16", r=16, alpha=12, seed=3, use_rslora=True),
     ]
+
+
+@pytest.fixture
+def mixed_adapters(tmp_path: Path) -> list[Path]:
+    return make_mixed_adapters(tmp_path / "inputs")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_peft_adapter, tiny_llama
+from conftest import make_mixed_adapters, make_peft_adapter, tiny_llama
 from helpers import dense_updates, summed_updates
 
 import loralego
@@ -26,12 +26,7 @@ WEIGHTS = [0.6, 1.3, 0.9]
 @pytest.fixture(scope="module")
 def mixed_adapters(tmp_path_factory) -> list[Path]:
     """conftest's mixed_adapters (ranks 4, 8, 16, alpha != r, rsLoRA, one on more modules), built once here."""
-    root = tmp_path_factory.mktemp("mixed")
-    return [
-        make_peft_adapter(root / "r4", r=4, alpha=8, seed=1),
-        make_peft_adapter(root / "r8", r=8, alpha=32, seed=2, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
-        make_peft_adapter(root / "r16", r=16, alpha=12, seed=3, use_rslora=True),
-    ]
+    return make_mixed_adapters(tmp_path_factory.mktemp("mixed"))
 
 
 @pytest.fixture(scope="module")
