@@ -50,8 +50,24 @@ def difference_norm(x: Factors, y: Factors) -> float:
     return float(torch.linalg.matrix_norm(r_b @ r_a.T))
 
 
+class _Ratios:
+    """Relative error and kept energy from the norms and the inner product (shared by a module and the total)."""
+
+    error_norm: float
+    target_norm: float
+    inner: float
+
+    @property
+    def relative_error(self) -> float | None:
+        return _ratio(self.error_norm, self.target_norm, zero=0.0 if self.error_norm == 0 else None)
+
+    @property
+    def energy_kept(self) -> float | None:
+        return _ratio(self.inner, self.target_norm**2)
+
+
 @dataclass(frozen=True)
-class ModuleCheck:
+class ModuleCheck(_Ratios):
     """The comparison of one module; ``merged_rank`` is None when the merged adapter lacks the module."""
 
     module: str
@@ -65,14 +81,6 @@ class ModuleCheck:
     @property
     def missing(self) -> bool:
         return self.merged_rank is None
-
-    @property
-    def relative_error(self) -> float | None:
-        return _ratio(self.error_norm, self.target_norm, zero=0.0 if self.error_norm == 0 else None)
-
-    @property
-    def energy_kept(self) -> float | None:
-        return _ratio(self.inner, self.target_norm**2)
 
     @property
     def cosine(self) -> float | None:
@@ -99,7 +107,7 @@ def _ratio(numerator: float, denominator: float, zero: float | None = None) -> f
 
 
 @dataclass(frozen=True)
-class VerifyReport:
+class VerifyReport(_Ratios):
     """Every module's check and the totals over all of them."""
 
     modules: list[ModuleCheck]
@@ -120,14 +128,6 @@ class VerifyReport:
     @property
     def inner(self) -> float:
         return sum(m.inner for m in self.modules)
-
-    @property
-    def relative_error(self) -> float | None:
-        return _ratio(self.error_norm, self.target_norm, zero=0.0 if self.error_norm == 0 else None)
-
-    @property
-    def energy_kept(self) -> float | None:
-        return _ratio(self.inner, self.target_norm**2)
 
     @property
     def missing(self) -> list[str]:
