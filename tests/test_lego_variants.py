@@ -6,7 +6,16 @@ import torch
 from helpers import assert_updates_close, dense_updates, summed_updates
 
 import loralego
-from loralego.methods.lego import adapters_per_cluster, balance_gauge, directions, rank1_representatives
+from loralego.lowrank import frobenius_norm_sq, truncate
+from loralego.methods.lego import (
+    adapters_per_cluster,
+    balance_adapters,
+    balance_gauge,
+    directions,
+    ensemble_scale,
+    rank1_representatives,
+    ties_representatives,
+)
 from loralego.msu import from_units
 
 
@@ -55,21 +64,84 @@ def test_rank1_representative_is_optimal_for_its_cluster():
 
 
 def test_lego_plus_is_exact_when_every_unit_is_its_own_cluster(mixed_adapters):
+    # k >= pool: every unit is its own cluster, so the merge is the ensemble and the least-squares scale is 1.
     adapters = [loralego.load(path) for path in mixed_adapters]
-    merged = loralego.merge(adapters, method="lego+", rank=28)
-    assert_updates_close(dense_updates(merged), summed_updates(adapters), rtol=1e-4, atol=1e-5)
+    summed = loralego.merge(adapters, method="lego+", rank=28, weights=[1.0] * 3)
+    assert_updates_close(dense_updates(summed), summed_updates(adapters), rtol=1e-4, atol=1e-5)
+    # Without weights lego+ averages: the target is the mean of the updates.
+    averaged = loralego.merge(adapters, method="lego+", rank=28)
+    assert_updates_close(dense_updates(averaged), summed_updates(adapters, [1 / 3] * 3), rtol=1e-4, atol=1e-5)
 
 
 def test_rank1_representatives_on_duplicated_adapter_sum_or_average(adapter_factory):
     # Two copies of one adapter, k = r: each cluster holds a unit and its copy. The rank-1 of their summed
     # update is twice the unit (rank1: the exact sum); divided by the 2 adapters in the cluster it is the unit
-    # itself (rank1_mean, lego+'s default: TIES' disjoint mean in rank space).
+    # itself (rank1_mean: TIES' disjoint mean in rank space).
     path = adapter_factory(r=4, alpha=8, seed=11)
     adapters = [loralego.load(path, name="a"), loralego.load(path, name="b")]
-    summed = loralego.merge(adapters, method="lego+", rank=4, n_init=8, representative="rank1")
+    options = {"method": "lego", "rank": 4, "n_init": 8, "gauge": "balanced", "cluster_on": "directions"}
+    summed = loralego.merge(adapters, representative="rank1", **options)
     assert_updates_close(dense_updates(summed), summed_updates(adapters), rtol=1e-4, atol=1e-5)
-    averaged = loralego.merge(adapters, method="lego+", rank=4, n_init=8)
+    averaged = loralego.merge(adapters, representative="rank1_mean", **options)
     assert_updates_close(dense_updates(averaged), dense_updates(adapters[0]), rtol=1e-4, atol=1e-5)
+
+
+def _factors(rank: int, seed: int, d_in: int = 9, d_out: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, d_in, generator=generator), torch.randn(d_out, rank, generator=generator)
+
+
+def _dense(factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return factors[1].double() @ factors[0].double()
+
+
+def test_least_squares_scale_is_the_best_single_factor():
+    ensemble, merged = _factors(6, 1), _factors(2, 2)
+    gamma = ensemble_scale(merged, ensemble, "least_squares")
+
+    def error(g: float) -> float:
+        return float(torch.linalg.matrix_norm(g * _dense(merged) - _dense(ensemble)))
+
+    assert error(gamma) < min(error(gamma * 1.01), error(gamma * 0.99))
+    # A truncated SVD is an orthogonal projection of the ensemble: its best factor is exactly 1.
+    assert abs(ensemble_scale(truncate(*ensemble, 3), ensemble, "least_squares") - 1.0) < 1e-5
+
+
+def test_match_norm_scale_gives_the_ensemble_norm(mixed_adapters):
+    adapters = [loralego.load(path) for path in mixed_adapters]
+    merged = loralego.merge(adapters, method="lego", rank=3, output_scale="match_norm")
+    target = summed_updates(adapters)
+    for module, update in dense_updates(merged).items():
+        torch.testing.assert_close(torch.linalg.matrix_norm(update), torch.linalg.matrix_norm(target[module]),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_balance_adapters_equalises_norms_and_keeps_each_update_direction():
+    factors = [_factors(3, 3), (_factors(2, 4)[0] * 10.0, _factors(2, 4)[1]), _factors(4, 5)]
+    balanced = balance_adapters(factors)
+    norms = [frobenius_norm_sq(f) ** 0.5 for f in balanced]
+    mean = sum(frobenius_norm_sq(f) ** 0.5 for f in factors) / 3
+    for norm in norms:
+        assert abs(norm - mean) < 1e-4 * mean
+    for before, after in zip(factors, balanced, strict=True):
+        ratio = _dense(after) / _dense(before)
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0, 0])), rtol=1e-5, atol=0)
+
+
+def test_ties_representative_elects_the_majority_sign():
+    unit = _units(1)[0]
+    members = torch.stack([unit, unit, -0.5 * unit])  # the opposing member is outvoted and left out
+    reps = ties_representatives(members, torch.zeros(3, dtype=torch.long), 1, density=1.0, majority_sign="total")
+    torch.testing.assert_close(reps[0], unit)
+
+
+def test_lego_plus_defaults_to_weights_one_over_n(mixed_adapters):
+    adapters = [loralego.load(path) for path in mixed_adapters]
+    default = loralego.merge(adapters, method="lego+", rank=6, seed=4)
+    explicit = loralego.merge(adapters, method="lego+", rank=6, seed=4, weights=[1 / 3] * 3)
+    for module in default.modules:
+        for x, y in zip(default.stored(module), explicit.stored(module), strict=True):
+            assert torch.equal(x, y)
 
 
 def test_adapters_per_cluster_counts_distinct_adapters():
@@ -82,7 +154,8 @@ def test_variant_options_on_lego_match_lego_plus(mixed_adapters):
     adapters = [loralego.load(path) for path in mixed_adapters]
     plus = loralego.merge(adapters, method="lego+", rank=6, seed=4)
     spelled = loralego.merge(
-        adapters, method="lego", rank=6, seed=4, gauge="balanced", cluster_on="directions", representative="rank1_mean"
+        adapters, method="lego", rank=6, seed=4, gauge="balanced", cluster_on="directions",
+        output_scale="least_squares", weights=[1 / 3] * 3,
     )
     for module in plus.modules:
         for x, y in zip(plus.stored(module), spelled.stored(module), strict=True):

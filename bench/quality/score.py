@@ -32,8 +32,8 @@ DEFAULT_BATCH = 32
 HERE = Path(__file__).resolve().parent
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+def _autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,23 +111,31 @@ class Scorer:
                 best[i] = (total, label)
         return [best[i][1] for i in range(len(examples))]
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _forward(self, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+        """Logits of the last ``keep`` positions, on the CPU (the model may be on a GPU)."""
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        with _autocast(self.bf16):
-            return self.model(**batch, position_ids=position_ids, logits_to_keep=keep).logits
+        on_device = {name: t.to(self.device) for name, t in batch.items()}
+        with _autocast(self.bf16, self.device):
+            logits = self.model(**on_device, position_ids=position_ids.to(self.device), logits_to_keep=keep).logits
+        return logits.cpu()
 
     # ------------------------------------------------------------ generation
 
     def generate(self, examples: Sequence[Example]) -> list[str]:
         """First word of the greedy continuation of each prompt."""
         batch = _left_pad([self._ids(ex.prompt) for ex in examples], self.tokenizer.pad_token_id)
-        with _autocast(self.bf16):
+        with _autocast(self.bf16, self.device):
             out = self.model.generate(
-                **batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                **{name: t.to(self.device) for name, t in batch.items()},
+                max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             )
         texts = self.tokenizer.batch_decode(
-            out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True
+            out[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True
         )
         return [first_word(t) for t in texts]
 

@@ -28,7 +28,9 @@ class MergeOptions(BaseModel):
         description="output rank for modules matching a pattern, as PATTERN=K (repeatable): a regex on whole "
         "name parts (mlp, self_attn.q_proj, layers\\.[0-3]\\..*); the most specific match wins",
     )
-    weights: list[float] | None = Field(None, description="one weight per input adapter (default: all 1)")
+    weights: list[float] | None = Field(
+        None, description="one weight per input adapter (default: all 1; lego+: all 1/n)"
+    )
     seed: int = Field(0, description="seed for k-means and DARE; same seed, same bytes")
     # LoRA-LEGO (lego) options
     n_init: int = Field(4, description="k-means restarts (lego)")
@@ -50,11 +52,24 @@ class MergeOptions(BaseModel):
         description="cluster the units, or their per-half unit directions; default units for lego, "
         "directions for lego+",
     )
-    representative: Literal["mean", "rank1", "rank1_mean"] | None = Field(
+    representative: Literal["mean", "rank1", "rank1_mean", "ties"] | None = Field(
         None,
         description="rank of each cluster: mean of its units; best rank-1 approximation of its summed update "
-        "(rank1); or of that sum divided by the number of input adapters in the cluster (rank1_mean); "
-        "default mean for lego, rank1_mean for lego+",
+        "(rank1); or of that sum divided by the number of input adapters in the cluster (rank1_mean); TIES "
+        "inside the cluster, trimming each unit to --density and electing a sign per coordinate (ties); "
+        "default mean",
+    )
+    output_scale: Literal["sqrt_rank", "match_norm", "least_squares"] | None = Field(
+        None,
+        description="output reweighting: the paper's sqrt(r_ref / k) (sqrt_rank, applied to mean representatives "
+        "only); or one factor per module that gives the merged update the Frobenius norm of the exact weighted "
+        "ensemble (match_norm) or its least-squares fit to it (least_squares); default sqrt_rank for lego, "
+        "least_squares for lego+",
+    )
+    balance: bool = Field(
+        False,
+        description="rescale every adapter's update to the same Frobenius norm per module before clustering, "
+        "so one with a large alpha / r does not take every cluster (lego)",
     )
     # TIES / DARE / magnitude pruning options
     density: float = Field(0.2, description="fraction of entries kept (ties, dare_*, magnitude_prune)")

@@ -91,7 +91,10 @@ def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
     if not adapters:
         raise LoraLegoError("no adapters to merge")
     method = get_method(options.method)
-    weights = list(options.weights) if options.weights is not None else [1.0] * len(adapters)
+    if options.weights is not None:
+        weights = list(options.weights)
+    else:
+        weights = [1.0 / len(adapters) if method.average_by_default else 1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise LoraLegoError(f"--weights: got {len(weights)} weights for {len(adapters)} adapters")
     warnings = _check_compatible(adapters, options.force)

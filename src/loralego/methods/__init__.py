@@ -11,10 +11,15 @@ METHODS: dict[str, MergeMethod] = {}
 
 
 def register(
-    name: str, summary: str, *, exact_by_default: bool = False, equal_ranks: bool = False
+    name: str,
+    summary: str,
+    *,
+    exact_by_default: bool = False,
+    equal_ranks: bool = False,
+    average_by_default: bool = False,
 ) -> Callable[[Callable[[ModuleJob], ModuleResult]], Callable[[ModuleJob], ModuleResult]]:
     def wrap(function: Callable[[ModuleJob], ModuleResult]) -> Callable[[ModuleJob], ModuleResult]:
-        METHODS[name] = MergeMethod(name, function, summary, exact_by_default, equal_ranks)
+        METHODS[name] = MergeMethod(name, function, summary, exact_by_default, equal_ranks, average_by_default)
         return function
 
     return wrap

@@ -53,6 +53,8 @@ class MergeMethod:
 
     ``exact_by_default``: without ``--rank`` the method returns the exact result (its rank is the pool size)
     instead of the largest input rank. ``equal_ranks``: the method is only defined for inputs of one rank.
+    ``average_by_default``: without ``--weights`` every adapter gets ``1 / n`` (the method targets the average
+    of the task updates), not 1.
     """
 
     name: str
@@ -60,3 +62,4 @@ class MergeMethod:
     summary: str
     exact_by_default: bool = False
     equal_ranks: bool = False
+    average_by_default: bool = False

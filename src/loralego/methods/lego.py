@@ -2,18 +2,19 @@
 
 Per module: pool the folded units of every input, k-means them into k clusters, turn each cluster into one
 rank of the merged LoRA. ``lego`` takes each cluster's mean and applies dual reweighting (parameter
-reweighting of each centroid's norm, output reweighting of the whole update). ``lego+`` changes three
-things, each also available on ``lego`` as an option (docs/method.md, docs/results.md):
+reweighting of each centroid's norm, output reweighting of the whole update by sqrt(r_ref / k)). ``lego+``
+changes three things, each also available on ``lego`` as an option, and was chosen over the other variants
+on the public evaluation suite (docs/method.md, docs/results.md):
 
 - gauge: a unit (a, b) is only defined up to (c a, b / c); ``balanced`` makes ||a|| = ||b|| and fixes
   the sign, so equivalent units look alike to k-means;
 - cluster_on ``directions``: cluster the per-half unit directions, so large and small units that point the
-  same way share a cluster;
-- representative ``rank1_mean``: the best rank-1 approximation of the cluster's *summed* update (from the
-  thin factors, optimal for that cluster), divided by the number of input adapters with units in the
-  cluster: TIES' disjoint mean in rank space (a direction one adapter owns keeps its size, a direction
-  several share is averaged). ``rank1`` keeps the plain sum. Neither shrinks norms the way averaging
-  does, so the reweightings are not applied to them.
+  same way share a cluster (the means and the parameter reweighting still use the units themselves);
+- output_scale ``least_squares``: one factor per module, the gamma minimising ||gamma M - E||_F where E is
+  the exact weighted ensemble (what ``cat`` returns); and weights 1/n by default, so E is the average of the
+  task updates rather than their sum, the scale at which the ensemble itself works.
+
+Other representatives (``rank1``, ``rank1_mean``, ``ties``) and ``match_norm`` are options; they lost.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from ..cluster import KMeans, cluster_means
-from ..lowrank import truncate
-from ..msu import concat, from_units, to_units
+from ..lowrank import frobenius_inner, frobenius_norm_sq, truncate
+from ..msu import Factors, concat, from_units, to_units
 from ..options import MergeOptions
+from ..taskmath import ties
 from . import register
 from .base import ModuleJob, ModuleResult
 
@@ -44,6 +46,10 @@ class LegoVariant:
     output_reweight: bool
     norm: str
     r_ref: float | None
+    output_scale: str
+    balance: bool
+    density: float
+    majority_sign: str
 
     @classmethod
     def resolve(cls, options: MergeOptions, defaults: dict[str, str]) -> LegoVariant:
@@ -55,11 +61,15 @@ class LegoVariant:
             output_reweight=options.output_reweight,
             norm=options.norm,
             r_ref=options.r_ref,
+            output_scale=options.output_scale or defaults["output_scale"],
+            balance=options.balance,
+            density=options.density,
+            majority_sign=options.majority_sign,
         )
 
 
-PAPER = {"gauge": "none", "cluster_on": "units", "representative": "mean"}
-PLUS = {"gauge": "balanced", "cluster_on": "directions", "representative": "rank1_mean"}
+PAPER = {"gauge": "none", "cluster_on": "units", "representative": "mean", "output_scale": "sqrt_rank"}
+PLUS = {"gauge": "balanced", "cluster_on": "directions", "representative": "mean", "output_scale": "least_squares"}
 
 
 def unit_norms(units: torch.Tensor, norm: str) -> torch.Tensor:
@@ -108,6 +118,46 @@ def output_scale(source_ranks: list[int], k: int, r_ref: float | None) -> float:
     return math.sqrt(reference / k)
 
 
+def ensemble_scale(merged: Factors, ensemble: Factors, how: str) -> float:
+    """One factor for the whole merged update, from its relation to the exact weighted ensemble ``E``.
+
+    ``match_norm``: ``||gamma M||_F = ||E||_F``. ``least_squares``: the ``gamma`` minimising ``||gamma M - E||_F``,
+    ``<M, E> / ||M||^2`` (1 for a truncated SVD of ``E``, which is already an orthogonal projection of it).
+    """
+    merged_sq = frobenius_norm_sq(merged)
+    if merged_sq <= _EPS:
+        return 1.0
+    if how == "match_norm":
+        return math.sqrt(frobenius_norm_sq(ensemble) / merged_sq)
+    if how == "least_squares":
+        return frobenius_inner(merged, ensemble) / merged_sq
+    raise ValueError(f"unknown output scale {how!r}")
+
+
+def balance_adapters(factors: list[Factors]) -> list[Factors]:
+    """Rescale each adapter's update to the mean Frobenius norm of all of them (split evenly over A and B),
+    so an adapter with a large alpha / r does not own every cluster; zero updates stay as they are."""
+    norms = [math.sqrt(frobenius_norm_sq(f)) for f in factors]
+    live = [n for n in norms if n > _EPS]
+    if not live:
+        return factors
+    target = sum(live) / len(live)
+    out = []
+    for (lora_a, lora_b), norm in zip(factors, norms, strict=True):
+        root = math.sqrt(target / norm) if norm > _EPS else 1.0
+        out.append((lora_a * root, lora_b * root))
+    return out
+
+
+def ties_representatives(
+    units: torch.Tensor, labels: torch.Tensor, k: int, density: float, majority_sign: str
+) -> torch.Tensor:
+    """For each cluster, TIES inside the cluster: trim each member unit to its ``density`` largest entries,
+    elect a sign per coordinate, average the members that agree (meaningful on gauge-fixed units)."""
+    rows = [ties(units[labels == cluster], density, majority_sign) for cluster in range(k)]  # type: ignore[arg-type]
+    return torch.stack(rows)
+
+
 def rank1_representatives(
     units: torch.Tensor, labels: torch.Tensor, k: int, d_in: int, divisors: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -142,7 +192,9 @@ def cluster_labels(features: torch.Tensor, k: int, job: ModuleJob) -> torch.Tens
 
 
 def rankwise_merge(job: ModuleJob, variant: LegoVariant) -> ModuleResult:
-    lora_a, lora_b = concat(job.factors)
+    ensemble = concat(job.factors)  # the exact weighted ensemble, the target of the output scale
+    factors = balance_adapters(job.factors) if variant.balance else job.factors
+    lora_a, lora_b = concat(factors)
     d_in = lora_a.shape[1]
     units = to_units(lora_a, lora_b)
     if variant.gauge == "balanced":
@@ -153,13 +205,19 @@ def rankwise_merge(job: ModuleJob, variant: LegoVariant) -> ModuleResult:
     owner = torch.repeat_interleave(torch.tensor(job.adapter_indices), torch.tensor(job.source_ranks))
     if variant.representative in ("rank1", "rank1_mean"):
         divisors = adapters_per_cluster(labels, owner, k) if variant.representative == "rank1_mean" else None
-        new_a, new_b = from_units(rank1_representatives(units, labels, k, d_in, divisors), d_in)
+        representatives = rank1_representatives(units, labels, k, d_in, divisors)
+    elif variant.representative == "ties":
+        representatives = ties_representatives(units, labels, k, variant.density, variant.majority_sign)
     else:
-        centroids = units if k == units.shape[0] else cluster_means(units, labels, k)[0]
+        representatives = units if k == units.shape[0] else cluster_means(units, labels, k)[0]
         if variant.param_reweight:
-            centroids = parameter_reweight(centroids, units, labels, variant.norm)
-        new_a, new_b = from_units(centroids, d_in)
-        if variant.output_reweight:
+            representatives = parameter_reweight(representatives, units, labels, variant.norm)
+    new_a, new_b = from_units(representatives, d_in)
+    if variant.output_reweight:
+        if variant.output_scale != "sqrt_rank":
+            new_b = new_b * ensemble_scale((new_a, new_b), ensemble, variant.output_scale)
+        elif variant.representative == "mean":
+            # The paper's gamma compensates the sum of k averaged units; the other representatives are sums.
             new_b = new_b * output_scale(job.source_ranks, k, variant.r_ref)
     return ModuleResult(new_a, new_b, {"labels": labels.cpu(), "unit_adapter": owner})
 
@@ -169,6 +227,10 @@ def merge_lego(job: ModuleJob) -> ModuleResult:
     return rankwise_merge(job, LegoVariant.resolve(job.options, PAPER))
 
 
-@register("lego+", "LoRA-LEGO with gauge-fixed direction clustering and rank-1 cluster representatives")
+@register(
+    "lego+",
+    "LoRA-LEGO with gauge-fixed direction clustering, scaled to fit the average ensemble (weights 1/n)",
+    average_by_default=True,
+)
 def merge_lego_plus(job: ModuleJob) -> ModuleResult:
     return rankwise_merge(job, LegoVariant.resolve(job.options, PLUS))
