@@ -152,3 +152,15 @@ def test_lost_modules_count_and_foreign_modules_are_refused(mixed_adapters, caps
         verify(full, [r4, r8, r16], [1.0, 2.0])
     assert main(["verify", str(mixed_adapters[1]), str(mixed_adapters[0])]) == 2
     assert "in no input" in capsys.readouterr().err
+
+
+def test_verify_defaults_to_the_weights_the_merge_recorded(mixed_adapters, tmp_path):
+    # lego+ averages by default: verify without --weights must compare with that average, not the plain sum.
+    inputs = _load(mixed_adapters)
+    loralego.merge(inputs, method="lego+", rank=28).save(tmp_path / "plus")
+    merged = loralego.load(tmp_path / "plus")
+    report = verify(merged, inputs)
+    assert report.weights == pytest.approx([1 / 3] * 3)
+    assert report.relative_error < 1e-5  # k >= pool: the average ensemble, exactly
+    # Inputs the merge did not record (here: a subset) fall back to weight 1.
+    assert verify(merged, inputs[:2]).weights == [1.0, 1.0]

@@ -141,6 +141,66 @@ def markdown(adapter_set: str, results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Rows of the variant table: the baselines at their published settings, then every rank-wise variant.
+VARIANT_BASELINES = ("linear", "cat", "svd_avg_k8", "ties_d0.1_k8", "ties_d0.2_k8", "ties_d0.5_k8",
+                     "dare_ties_d0.5_k8", "task_arithmetic", "lego_k8", "lego+_k8")
+
+
+def _variant_label(key: str, run: dict[str, Any]) -> str:
+    """What a run changes relative to paper lego (k, seed and method name left out)."""
+    options = {k: v for k, v in run["options"].items() if k not in ("rank", "seed", "method")}
+    if "weights" in options:
+        weights = set(options.pop("weights"))
+        options["w"] = f"{weights.pop():.3g}" if len(weights) == 1 else "mixed"
+    if run["options"].get("method") != "lego" or not options:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
+def variant_section(results_by_set: dict[str, dict[str, Any]]) -> str:
+    """Issue 8's table: every variant and baseline, both adapter sets side by side (mean ± std over seeds)."""
+    tables = {name: aggregate(results) for name, results in results_by_set.items()}
+    sets = sorted(tables, key=lambda name: (not name.startswith("uniform"), name))
+    keys: list[str] = [k for k in VARIANT_BASELINES if any(k in t for t in tables.values())]
+    extra = sorted({k for t in tables.values() for k in t if t[k]["group"].startswith(("v_", "lego_", "cat_scale"))})
+    keys += [k for k in extra if k not in keys]
+    header = "| run | changes from paper lego | " + " | ".join(f"{s} ID norm | {s} OOD acc" for s in sets) + " |"
+    lines = [header, "|---|---|" + "---|---|" * len(sets)]
+    for key in keys:
+        cells = []
+        label = ""
+        for name in sets:
+            row = tables[name].get(key)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            m, sd, n = row["mean"], row["std"], row["seeds"]
+            cells += [_fmt(m["id_norm"], sd["id_norm"], n), _fmt(m["ood"], sd["ood"], n)]
+            run = next(r for k, r in results_by_set[name]["runs"].items() if variant_key(k) == key)
+            label = label or _variant_label(key, run)
+        lines.append(f"| {key} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def agreement(cpu: dict[str, Any], other: dict[str, Any]) -> str:
+    """How far the same merges score apart on the two machines (bf16 autocast differs by device)."""
+    common = sorted(set(cpu["runs"]) & set(other["runs"]))
+    if not common:
+        return ""
+    diffs = [
+        abs(normalised(cpu["runs"][k]["scores"], cpu["singles"])["id_norm"]
+            - normalised(other["runs"][k]["scores"], other["singles"])["id_norm"])
+        for k in common
+        if set(cpu["runs"][k]["scores"]) == set(other["runs"][k]["scores"]) and "id_norm" in normalised(
+            cpu["runs"][k]["scores"], cpu["singles"])
+    ]
+    diffs = [d for d in diffs if d == d]  # drop NaN (runs without in-domain tasks)
+    if not diffs:
+        return ""
+    return (f"{len(diffs)} runs were scored on both machines: ID norm differs by {statistics.fmean(diffs):.4f} "
+            f"on average, {max(diffs):.4f} at most.")
+
+
 def plots(adapter_set: str, results: dict[str, Any]) -> list[Path]:
     import matplotlib
 
@@ -268,11 +328,17 @@ def main() -> None:
     findings = HERE / "findings.md"
     if findings.exists():
         parts.append(findings.read_text())
-    parts.append("## Tables\n")
+    parts.append("## Tables (CPU)\n")
+    device_results: dict[str, dict[str, Any]] = {}
+    cpu_results: dict[str, dict[str, Any]] = {}
     for path in sorted((HERE / "results").glob("*.json")):
         results = json.loads(path.read_text())
         if "singles" not in results:
             continue
+        if "-" in path.stem:  # <set>-<device>.json: the variant sweep, reported in its own section
+            device_results[path.stem] = results
+            continue
+        cpu_results[path.stem] = results
         parts.append(markdown(path.stem, results))
         seconds = sum(run["merge_seconds"] + run["score_seconds"] for run in results["runs"].values())
         parts.append(
@@ -281,9 +347,29 @@ def main() -> None:
         )
         for image in plots(path.stem, results):
             parts.append(f"![{image.stem}](img/{image.name})\n")
+    if device_results:
+        device = next(iter(device_results.values())).get("device", "a GPU")
+        parts.append(VARIANTS_HEADER.format(device=device))
+        parts.append(variant_section(device_results))
+        for name, results in device_results.items():
+            seconds = sum(run["merge_seconds"] + run["score_seconds"] for run in results["runs"].values())
+            note = agreement(cpu_results.get(name.split("-")[0], {"runs": {}}), results)
+            parts.append(f"`{name}`: {len(results['runs'])} merges scored in {seconds:.0f} s. {note}\n")
     out = DOCS / "results.md"
     out.write_text("\n".join(parts))
     print(f"wrote {out}")
+
+
+VARIANTS_HEADER = """## Rank-wise variants (issue 8), scored on the device machine
+
+Every variant below merges on the CPU (same bytes as anywhere) and was scored on {device} lent to one
+session, with the same command plus `--device cuda` (`python bench/quality/evaluate.py run --set uniform
+--device cuda`; results in `bench/quality/results/<set>-cuda.json`). The baselines were scored there too,
+so every row of this table comes from one machine. `v_*` rows are `lego` with the options shown; all of
+them at k = 8 and, unless `w` says otherwise, at the paper's w = 1. `lego+` = the variant picked from
+this table (`v_dir_ls`); its CPU numbers are in the tables above.
+
+"""
 
 
 if __name__ == "__main__":

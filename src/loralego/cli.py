@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="how far a merged adapter is from the exact weighted sum")
     verify.add_argument("merged", metavar="MERGED", help="the merged adapter")
     verify.add_argument("adapters", nargs="+", metavar="ADAPTER", help="the input adapters")
-    verify.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per input (default: 1)")
+    verify.add_argument(
+        "--weights", nargs="+", type=float, metavar="W",
+        help="one weight per input (default: the ones the merge recorded for these inputs, else 1)",
+    )
     verify.add_argument("--json", metavar="FILE", help="also write every module's figures as JSON")
     verify.add_argument("--top", type=int, default=10, help="modules shown, worst first; 0: all (default: 10)")
     return parser

@@ -187,10 +187,28 @@ def _check_layout(merged: Adapter, inputs: Sequence[Adapter]) -> list[str]:
     return sorted(shapes, key=natural_key)
 
 
+def recorded_weights(merged: Adapter, inputs: Sequence[Adapter]) -> list[float] | None:
+    """The weights ``merged`` was made with, from its provenance, when every input is recorded there (by hash)."""
+    try:
+        recorded = json.loads(merged.metadata.get("loralego.inputs", "[]"))
+        by_hash = {entry["sha256"]: float(entry["weight"]) for entry in recorded}
+    except (ValueError, TypeError, KeyError):
+        return None
+    if len(recorded) != len(inputs) or any(a.sha256 not in by_hash for a in inputs):
+        return None
+    return [by_hash[a.sha256] for a in inputs]
+
+
 def verify(merged: Adapter, inputs: Sequence[Adapter], weights: Sequence[float] | None = None) -> VerifyReport:
-    """Compare ``merged`` with the exact weighted sum of ``inputs``, module by module (one module in memory)."""
+    """Compare ``merged`` with the exact weighted sum of ``inputs``, module by module (one module in memory).
+
+    Without ``weights``: the ones recorded in the merged adapter's provenance when it names these inputs
+    (lego+ averages by default), else 1 for every input.
+    """
     if not inputs:
         raise LoraLegoError("verify: no input adapters to compare with")
+    if weights is None:
+        weights = recorded_weights(merged, inputs)
     weights = list(weights) if weights is not None else [1.0] * len(inputs)
     if len(weights) != len(inputs):
         raise LoraLegoError(f"--weights: got {len(weights)} weights for {len(inputs)} adapters")
