@@ -13,6 +13,9 @@ from safetensors import safe_open
 
 import loralego
 from loralego.cli import main
+from loralego.diagnostics import verify
+from loralego.lowrank import rank_for_energy
+from loralego.msu import concat
 
 
 def _load_all(paths: list[Path]) -> list[loralego.Adapter]:
@@ -246,3 +249,37 @@ def test_cli_merge_and_inspect(mixed_adapters, tmp_path, capsys):
     assert main(["merge", *map(str, mixed_adapters), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loralego: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_rank_for_energy_on_a_known_spectrum():
+    # Singular values 4, 2, 1: energies 16, 4, 1 of 21.
+    q_out, _ = torch.linalg.qr(torch.randn(7, 3, generator=torch.Generator().manual_seed(0)))
+    q_in, _ = torch.linalg.qr(torch.randn(9, 3, generator=torch.Generator().manual_seed(1)))
+    lora_a, lora_b = (torch.diag(torch.tensor([4.0, 2.0, 1.0])) @ q_in.T), q_out
+    assert [rank_for_energy(lora_a, lora_b, e) for e in (0.5, 16 / 21, 0.8, 0.96, 1.0)] == [1, 1, 2, 3, 3]
+    assert rank_for_energy(torch.zeros(3, 9), torch.zeros(7, 3), 0.9) == 1
+
+
+def test_energy_picks_each_module_rank_and_loads_in_peft(mixed_adapters, tmp_path):
+    from peft import PeftModel
+
+    adapters = _load_all(mixed_adapters)
+    out = tmp_path / "energy"
+    loralego.merge_to_folder(adapters, out, method="svd", energy=0.9)
+    merged = loralego.load(out)
+    report = verify(merged, adapters)
+    for check in report.modules:
+        factors = concat([a.folded(check.module) for a in adapters if check.module in a.modules])
+        assert merged.modules[check.module].rank == rank_for_energy(*factors, 0.9)
+        assert check.energy_kept >= 0.9 - 1e-6
+    assert len({info.rank for info in merged.modules.values()}) > 1  # the ranks differ by module
+    peft_model = PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        logits = peft_model(ids).logits
+    torch.testing.assert_close(logits, _forward_with_dense_updates(dense_updates(merged), ids), rtol=1e-4, atol=1e-4)
+    # --rank caps the automatic rank; methods without a rank refuse --energy.
+    capped = loralego.merge(adapters, method="lego+", energy=0.99, rank=3)
+    assert max(info.rank for info in capped.modules.values()) <= 3
+    with pytest.raises(loralego.LoraLegoError, match="energy"):
+        loralego.merge(adapters, method="cat", energy=0.9)

@@ -155,6 +155,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "v_ls_balance": {"output_scale": "least_squares", "balance": True},
     "v_ls_l2": {"output_scale": "least_squares", "norm": "2"},
     "v_ls_noparam": {"output_scale": "least_squares", "param_reweight": False},
+    # Automatic k: each module's rank from 90% of its ensemble energy (no --rank: not capped at 8).
+    "v_dir_ls_e0.9": {"gauge": "balanced", "cluster_on": "directions", "output_scale": "least_squares",
+                      "energy": 0.9},
 }
 
 
@@ -167,7 +170,11 @@ def variant_runs(adapter_set: str, average: list[float]) -> list[Run]:
     runs = []
     for name, extra in VARIANTS.items():
         for seed in SEEDS:
-            options = {"method": "lego", "rank": r, "seed": seed, "weights": average, **extra}
+            options = {"method": "lego", "seed": seed, "weights": average, **extra}
+            if "energy" in extra:
+                runs.append(Run(f"{name}_s{seed}", name, options, meta={"seed": seed}))
+                continue
+            options["rank"] = r
             runs.append(Run(f"{name}_k{r}_s{seed}", name, options, meta={"k": r, "seed": seed}))
     for k in (r, 2 * r, 4 * r):
         for seed in SEEDS:
@@ -267,7 +274,8 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int, device: str =
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             # Merges always on the CPU: same bytes whatever device scores them.
-            loralego.merge(inputs, device="cpu", **item.options).save(Path(tmp) / "merged")
+            merged = loralego.merge(inputs, device="cpu", **item.options)
+            merged.save(Path(tmp) / "merged")
             merge_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             scores = bench.score_adapter(Path(tmp) / "merged", run_tasks, batch_size=batch_size)
@@ -282,6 +290,7 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int, device: str =
             "scores": scores,
             "mixed": mixed,
             "merge_seconds": round(merge_seconds, 2),
+            "mean_rank": round(sum(info.rank for info in merged.modules.values()) / len(merged.modules), 2),
             "score_seconds": round(score_seconds, 1),
         }
         save_results(adapter_set, results, device)

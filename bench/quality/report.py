@@ -178,6 +178,8 @@ def variant_section(results_by_set: dict[str, dict[str, Any]]) -> str:
             cells += [_fmt(m["id_norm"], sd["id_norm"], n), _fmt(m["ood"], sd["ood"], n)]
             run = next(r for k, r in results_by_set[name]["runs"].items() if variant_key(k) == key)
             label = label or _variant_label(key, run)
+            if "energy" in run["options"] and "mean_rank" in run:
+                cells[-2] += f" (mean k {run['mean_rank']:g})"
         lines.append(f"| {key} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -54,3 +54,19 @@ def truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> Factors:
     new_a = (root * signs)[:, None] * vh
     new_b = u * (root * signs)[None, :]
     return new_a.contiguous(), new_b.contiguous()
+
+
+def rank_for_energy(lora_a: torch.Tensor, lora_b: torch.Tensor, energy: float) -> int:
+    """The smallest k whose best rank-k approximation keeps ``energy`` of ``||B A||_F^2`` (at least 1).
+
+    The singular values come from the ``N x N`` core of the two thin QRs, as in ``thin_svd``.
+    """
+    _, r_b = torch.linalg.qr(lora_b.double())
+    _, r_a = torch.linalg.qr(lora_a.double().T)
+    squared = torch.linalg.svdvals(r_b @ r_a.T) ** 2
+    total = float(squared.sum())
+    if total <= 0.0:
+        return 1
+    kept = torch.cumsum(squared, 0) / total
+    # A relative slack of 1e-12 keeps energy = 1.0 from asking for ranks that hold only rounding noise.
+    return min(int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1, squared.numel())

@@ -28,6 +28,12 @@ class MergeOptions(BaseModel):
         description="output rank for modules matching a pattern, as PATTERN=K (repeatable): a regex on whole "
         "name parts (mlp, self_attn.q_proj, layers\\.[0-3]\\..*); the most specific match wins",
     )
+    energy: float | None = Field(
+        None,
+        description="pick each module's k as the smallest rank whose best approximation of the exact weighted "
+        "ensemble keeps this fraction of its energy (squared Frobenius norm), at most --rank if given; "
+        "for methods that take a rank (not cat or linear)",
+    )
     weights: list[float] | None = Field(
         None, description="one weight per input adapter (default: all 1; lego+: all 1/n)"
     )
@@ -108,6 +114,13 @@ class MergeOptions(BaseModel):
         from .overrides import validate_overrides
 
         return validate_overrides(value)  # type: ignore[arg-type]
+
+    @field_validator("energy")
+    @classmethod
+    def _energy_in_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError("must be in (0, 1]")
+        return value
 
     @field_validator("density")
     @classmethod

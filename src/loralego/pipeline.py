@@ -21,7 +21,9 @@ from .adapters.formats import output_format, output_metadata, write_adapter
 from .adapters.peft import merged_config
 from .errors import LoraLegoError
 from .finite import all_finite
+from .lowrank import rank_for_energy
 from .methods import MergeMethod, ModuleJob, ModuleResult, get_method
+from .msu import Factors, concat
 from .options import MergeOptions, make_options
 from .overrides import override_for, unused_patterns
 from .parallel import default_workers, intra_op_threads, ordered_map
@@ -107,8 +109,10 @@ def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
                     f"method {method.name} needs equal ranks, but module {module} has ranks "
                     f"{sorted(ranks)}; use cat, svd or lego for mixed ranks"
                 )
+    if options.energy is not None and method.name in _RANKLESS:
+        raise LoraLegoError(f"--energy picks an output rank, but method {method.name} does not take one")
     rank = options.rank
-    if rank is None and not method.exact_by_default:
+    if rank is None and not method.exact_by_default and options.energy is None:
         rank = max(info.rank for a in adapters for info in a.modules.values())
     out_format = output_format(adapters, options.format, options.target)
     warnings += [f"--rank-override {p}: matches no module" for p in unused_patterns(options.rank_overrides, modules)]
@@ -149,10 +153,18 @@ def _check_folded(adapter: Adapter, module: str, factors: tuple[torch.Tensor, to
             )
 
 
-def module_rank(plan: MergePlan, module: str) -> int | None:
-    """The requested k of one module: the most specific ``--rank-override`` matching it, else ``--rank``."""
+_RANKLESS = ("cat", "linear")  # methods whose output rank is fixed by the inputs
+
+
+def module_rank(plan: MergePlan, module: str, factors: list[Factors] | None = None) -> int | None:
+    """The requested k of one module: the most specific ``--rank-override`` matching it, else ``--rank``;
+    with ``--energy``, the rank that keeps that much of the module's ensemble energy, capped by the former."""
     override = override_for(plan.options.rank_overrides, module)
-    return override if override is not None else plan.rank
+    rank = override if override is not None else plan.rank
+    if plan.options.energy is not None and factors:
+        needed = rank_for_energy(*concat(factors), plan.options.energy)
+        rank = needed if rank is None else min(rank, needed)
+    return rank
 
 
 def merge_module(plan: MergePlan, module: str) -> ModuleResult:
@@ -166,7 +178,7 @@ def merge_module(plan: MergePlan, module: str) -> ModuleResult:
         factors=factors,
         adapter_indices=indices,
         source_ranks=[plan.adapters[j].modules[module].rank for j in indices],
-        rank=module_rank(plan, module),
+        rank=module_rank(plan, module, factors),
         seed=module_seed(plan.options.seed, module),
         options=plan.options,
     )
