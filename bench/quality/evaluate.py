@@ -107,7 +107,7 @@ def plan(adapter_set: str) -> list[Run]:
         "lego_directions": {"gauge": "balanced", "cluster_on": "directions"},
         "lego_rank1": {"representative": "rank1"},
     }
-    for name, extra in ablations.items() if adapter_set == "uniform" else ():
+    for name, extra in ablations.items():
         for seed in SEEDS:
             runs.append(
                 Run(
@@ -141,6 +141,7 @@ def plan(adapter_set: str) -> list[Run]:
 VARIANTS: dict[str, dict[str, Any]] = {
     "v_ls": {"output_scale": "least_squares"},
     "v_mn": {"output_scale": "match_norm"},
+    "v_dir_mn": {"gauge": "balanced", "cluster_on": "directions", "output_scale": "match_norm"},
     "v_gauge_ls": {"gauge": "balanced", "output_scale": "least_squares"},
     "v_dir_ls": {"gauge": "balanced", "cluster_on": "directions", "output_scale": "least_squares"},
     "v_dir_rank1_ls": {"gauge": "balanced", "cluster_on": "directions", "representative": "rank1",
