@@ -203,6 +203,31 @@ def agreement(cpu: dict[str, Any], other: dict[str, Any]) -> str:
             f"on average, {max(diffs):.4f} at most.")
 
 
+def fidelity_section(data: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Weight-space distance of each merge from the exact average ensemble (bench/quality/fidelity.py)."""
+    sets = sorted(data, key=lambda name: (not name.startswith("uniform"), name))
+    names = list(dict.fromkeys(name for s in sets for name in data[s]))
+    lines = [
+        "## Distance from the average ensemble, in weight space",
+        "",
+        "`python bench/quality/fidelity.py` (seconds on the CPU, no model): per module, the squared relative",
+        "error ||M - E||^2 / ||E||^2 and the norm ratio ||M|| / ||E|| of each merge M against the exact average",
+        "ensemble E (cat at w = 1/n), averaged over modules; seed 0. Closeness to E does not order the scores",
+        "by itself (factor-wise `linear` is far from E and scores best on the uniform set), but it shows what",
+        "the output scale does: paper `lego` is far too large, `lego_avg` far too small.",
+        "",
+        "| merge | " + " | ".join(f"{s} rel. error² | {s} norm ratio" for s in sets) + " |",
+        "|---|" + "---|---|" * len(sets),
+    ]
+    for name in names:
+        cells = []
+        for s in sets:
+            row = data[s].get(name)
+            cells += [f"{row['rel_error_sq']:.3f}", f"{row['norm_ratio']:.3f}"] if row else ["-", "-"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plots(adapter_set: str, results: dict[str, Any]) -> list[Path]:
     import matplotlib
 
@@ -297,14 +322,19 @@ bash bench/quality/setup.sh                                  # data/model packag
 python bench/quality/train.py --sets uniform hetero          # task LoRAs (committed in bench/quality/adapters)
 python bench/quality/evaluate.py run --set uniform           # merges + scores -> bench/quality/results/uniform.json
 python bench/quality/evaluate.py run --set hetero
+python bench/quality/fidelity.py                             # weight-space distances (seconds, no model)
 python bench/quality/report.py                               # this page and docs/img/*.png
 ```
+
+`evaluate.py run` scores every planned run not yet in the results file, most informative first; `--only
+PREFIX ...` restricts it (the headline CPU tables were run with `--only` for everything but the `v_*` sweep,
+which takes about 2 hours per set on 2 CPU cores and 5 minutes on one GPU with `--device cuda`).
 
 Scores: accuracy on each task's fixed test split. *ID norm* = mean over the 7 in-domain tasks of
 accuracy divided by the accuracy of the task's own LoRA (1.0 = every task as good as its own LoRA).
 *OOD acc* = mean raw accuracy on the 2 out-of-domain tasks (no LoRA was trained on them).
-Weights: `linear` and `cat` average the inputs (w = 1/7: weight averaging and the output ensemble);
-all other methods sum them (w = 1), as published. Runs differing only in seed: mean ± std.
+Weights: `linear` and `cat` average the inputs (w = 1/7: weight averaging and the output ensemble), so
+does `lego+` (its default); the other methods sum them (w = 1), as published. Runs differing only in seed: mean ± std.
 """
 
 
@@ -357,6 +387,9 @@ def main() -> None:
             seconds = sum(run["merge_seconds"] + run["score_seconds"] for run in results["runs"].values())
             note = agreement(cpu_results.get(name.split("-")[0], {"runs": {}}), results)
             parts.append(f"`{name}`: {len(results['runs'])} merges scored in {seconds:.0f} s. {note}\n")
+    fidelity_path = HERE / "results" / "fidelity.json"
+    if fidelity_path.exists():
+        parts.append(fidelity_section(json.loads(fidelity_path.read_text())))
     out = DOCS / "results.md"
     out.write_text("\n".join(parts))
     print(f"wrote {out}")

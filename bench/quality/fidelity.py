@@ -1,0 +1,77 @@
+"""How far each merge is from the exact average ensemble, in weight space (no model, no scoring).
+
+  python bench/quality/fidelity.py     # writes results/fidelity.json; report.py turns it into a table
+
+For every module: the squared relative error ||M - E||^2 / ||E||^2 and the norm ratio ||M|| / ||E||, where E is
+the exact average of the task updates (cat at w = 1/n) and M the merged update; both from thin factors, no
+dense matrix. Means over modules, seed 0, k = 8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from evaluate import RESULTS, VARIANTS, adapter_paths  # noqa: E402
+
+import loralego  # noqa: E402
+from loralego.lowrank import frobenius_inner, frobenius_norm_sq  # noqa: E402
+
+
+def merges(n: int) -> dict[str, dict]:
+    average = [1.0 / n] * n
+    runs = {
+        "linear": {"method": "linear", "weights": average},
+        "svd_avg_k8": {"method": "svd", "rank": 8, "weights": average},
+        "ties_d0.2_k8": {"method": "ties", "rank": 8, "density": 0.2},
+        "lego_k8": {"method": "lego", "rank": 8},
+        "lego_avg_k8": {"method": "lego", "rank": 8, "weights": average},
+        "lego+_k8": {"method": "lego+", "rank": 8},
+    }
+    runs.update({f"{name}_k8": {"method": "lego", "rank": 8, "weights": average, **extra}
+                 for name, extra in VARIANTS.items() if "energy" not in extra})
+    return runs
+
+
+def fidelity(merged: loralego.Adapter, ensemble: loralego.Adapter) -> dict[str, float]:
+    errors, ratios = [], []
+    for module in ensemble.modules:
+        target = ensemble.folded(module)
+        if module not in merged.modules:
+            errors.append(1.0)
+            ratios.append(0.0)
+            continue
+        result = merged.folded(module)
+        target_sq, result_sq = frobenius_norm_sq(target), frobenius_norm_sq(result)
+        errors.append(max(target_sq - 2 * frobenius_inner(target, result) + result_sq, 0.0) / target_sq)
+        ratios.append(math.sqrt(result_sq / target_sq))
+    return {"rel_error_sq": sum(errors) / len(errors), "norm_ratio": sum(ratios) / len(ratios)}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for adapter_set in ("uniform", "hetero"):
+        inputs = [loralego.load(path) for path in adapter_paths(adapter_set)]
+        n = len(inputs)
+        ensemble = loralego.merge(inputs, method="cat", weights=[1.0 / n] * n, device="cpu")
+        out[adapter_set] = {}
+        for name, options in merges(n).items():
+            if options["method"] == "linear" and adapter_set == "hetero":
+                continue  # equal ranks only
+            merged = loralego.merge(inputs, device="cpu", **options)
+            out[adapter_set][name] = fidelity(merged, ensemble)
+            row = out[adapter_set][name]
+            print(f"{adapter_set:8s} {name:24s} rel.err^2 {row['rel_error_sq']:.3f}  norm {row['norm_ratio']:.3f}")
+    (RESULTS / "fidelity.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
