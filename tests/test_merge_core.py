@@ -251,6 +251,16 @@ def test_cli_merge_and_inspect(mixed_adapters, tmp_path, capsys):
     assert err.startswith("loralego: error:") and len(err.strip().splitlines()) == 1
 
 
+def test_inspect_escapes_control_characters_from_the_config(adapter_factory, capsys):
+    path = adapter_factory(r=4, alpha=8, seed=5)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "evil\x1b[2J\nmodel"
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "evil\\x1b[2J\\nmodel" in printed
+
+
 def test_rank_for_energy_on_a_known_spectrum():
     # Singular values 4, 2, 1: energies 16, 4, 1 of 21.
     q_out, _ = torch.linalg.qr(torch.randn(7, 3, generator=torch.Generator().manual_seed(0)))

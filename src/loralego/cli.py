@@ -124,7 +124,8 @@ def _print_inspect(adapters: list[str], as_json: bool) -> None:
         print(json.dumps(summaries, indent=2))
         return
     for summary in summaries:
-        print(f"{summary['path']}")
+        # Names come from untrusted files: escape control characters (newlines, terminal escapes) as errors do.
+        print(one_line(str(summary["path"])))
         for key in (
             "format",
             "base_model",
@@ -141,7 +142,7 @@ def _print_inspect(adapters: list[str], as_json: bool) -> None:
             value = summary[key]
             if isinstance(value, list):
                 value = ", ".join(str(v) for v in value)
-            print(f"  {key:<13}{value}")
+            print(f"  {key:<13}{one_line(str(value))}")
 
 
 def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> None:
