@@ -253,6 +253,7 @@ def run_n(n: int, folders: list[Path], opts: argparse.Namespace, cold: bool) -> 
     commands = {
         "floor": [*me, "_floor", *map(str, folders)],
         "lego": loralego_command(folders, out_root / "lego", "lego", opts.k, opts.device),
+        "lego+": loralego_command(folders, out_root / "lego+", "lego+", opts.k, opts.device),
         "svd": loralego_command(folders, out_root / "svd", "svd", opts.k, opts.device),
         "cat": loralego_command(folders, out_root / "cat", "cat", None, opts.device),
     }
@@ -321,7 +322,7 @@ def table(results: dict[str, Any], opts: argparse.Namespace) -> str:
         n, cache = key.split("/")
         floor = rows.get("floor", {}).get("seconds")
         peft = rows.get("peft", {}).get("mean_per_module", {})
-        for name in ("floor", "lego", "svd", "cat"):
+        for name in ("floor", "lego", "lego+", "svd", "cat"):
             if name not in rows:
                 continue
             row = rows[name]
