@@ -143,7 +143,7 @@ def markdown(adapter_set: str, results: dict[str, Any]) -> str:
 
 # Rows of the variant table: the baselines at their published settings, then every rank-wise variant.
 VARIANT_BASELINES = ("linear", "cat", "svd_avg_k8", "ties_d0.1_k8", "ties_d0.2_k8", "ties_d0.5_k8",
-                     "dare_ties_d0.5_k8", "task_arithmetic", "lego_k8", "lego+_k8")
+                     "dare_ties_d0.5_k8", "task_arithmetic", "lego_k8")
 
 
 def _variant_label(key: str, run: dict[str, Any]) -> str:
@@ -180,6 +180,8 @@ def variant_section(results_by_set: dict[str, dict[str, Any]]) -> str:
             label = label or _variant_label(key, run)
             if "energy" in run["options"] and "mean_rank" in run:
                 cells[-2] += f" (mean k {run['mean_rank']:g})"
+        if key == "v_dir_ls_k8":
+            label += " (= lego+ at k = 8: the same merges)"
         lines.append(f"| {key} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -248,9 +250,11 @@ def plots(adapter_set: str, results: dict[str, Any]) -> list[Path]:
             if points:
                 ks, means, stds = zip(*points, strict=True)
                 ax.errorbar(ks, means, yerr=stds, fmt=style, capsize=3, label=group)
+        ties_keys = [key for key in table if table[key]["group"] == "ties"]
+        best_ties = max(ties_keys, key=lambda key: table[key]["mean"][metric], default="")
         baselines = [
             key
-            for key in ("cat", "task_arithmetic", "linear", "svd_k8", "ties_d0.2_k8", "dare_ties_d0.5_k8")
+            for key in ("cat", "task_arithmetic", "linear", "svd_avg_k8", best_ties, "dare_ties_d0.5_k8")
             if key in table
         ]
         for index, key in enumerate(baselines):
