@@ -106,6 +106,9 @@ def plan(adapter_set: str) -> list[Run]:
         "lego_gauge": {"gauge": "balanced"},
         "lego_directions": {"gauge": "balanced", "cluster_on": "directions"},
         "lego_rank1": {"representative": "rank1"},
+        # The output factor's constant: sqrt(r_ref / k) with r_ref below the mean input rank (8 here).
+        "lego_rref1": {"r_ref": 1.0},
+        "lego_rref2": {"r_ref": 2.0},
     }
     for name, extra in ablations.items():
         for seed in SEEDS:
