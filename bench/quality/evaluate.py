@@ -92,7 +92,7 @@ def plan(adapter_set: str) -> list[Run]:
                         f"{method}_k{k}_s{seed}",
                         method,
                         {"method": method, "rank": k, "seed": seed},
-                        mixed=False,
+                        mixed=k == r and seed == 0,  # the rank-wise merges in the mixed setting too
                         meta={"k": k, "seed": seed},
                     )
                 )
