@@ -293,3 +293,7 @@ def test_energy_picks_each_module_rank_and_loads_in_peft(mixed_adapters, tmp_pat
     assert max(info.rank for info in capped.modules.values()) <= 3
     with pytest.raises(loralego.LoraLegoError, match="energy"):
         loralego.merge(adapters, method="cat", energy=0.9)
+    # --space factors keeps the input rank: an energy target that asks for another rank is refused, not ignored.
+    same_rank = [loralego.load(path) for path in mixed_adapters[:1]] * 2
+    with pytest.raises(loralego.LoraLegoError, match="keeps the input rank"):
+        loralego.merge(same_rank, method="ties", space="factors", energy=0.5)

@@ -45,7 +45,11 @@ def _in_factor_space(job: ModuleJob, combine: Combine, method: str, generator: t
             f"module {job.module}: {method} --space factors needs equal ranks, got {ranks}; "
             "use --space dense (the default), which works for mixed ranks"
         )
-    requested = job.options.rank is not None or bool(getattr(job.options, "rank_overrides", None))
+    requested = (
+        job.options.rank is not None
+        or bool(getattr(job.options, "rank_overrides", None))
+        or job.options.energy is not None
+    )
     if requested and job.rank is not None and job.rank != ranks[0]:
         raise LoraLegoError(
             f"module {job.module}: {method} --space factors keeps the input rank {ranks[0]}, "
