@@ -4,13 +4,12 @@
 
 For every module: the squared relative error ||M - E||^2 / ||E||^2 and the norm ratio ||M|| / ||E||, where E is
 the exact average of the task updates (cat at w = 1/n) and M the merged update; both from thin factors, no
-dense matrix. Means over modules, seed 0, k = 8.
+dense matrix (``loralego.diagnostics.verify``). Means over modules, seed 0, k = 8.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(HERE))
 from evaluate import RESULTS, VARIANTS, adapter_paths  # noqa: E402
 
 import loralego  # noqa: E402
-from loralego.lowrank import frobenius_inner, frobenius_norm_sq  # noqa: E402
+from loralego.diagnostics import verify  # noqa: E402
 
 
 def merges(n: int) -> dict[str, dict]:
@@ -40,18 +39,12 @@ def merges(n: int) -> dict[str, dict]:
     return runs
 
 
-def fidelity(merged: loralego.Adapter, ensemble: loralego.Adapter) -> dict[str, float]:
-    errors, ratios = [], []
-    for module in ensemble.modules:
-        target = ensemble.folded(module)
-        if module not in merged.modules:
-            errors.append(1.0)
-            ratios.append(0.0)
-            continue
-        result = merged.folded(module)
-        target_sq, result_sq = frobenius_norm_sq(target), frobenius_norm_sq(result)
-        errors.append(max(target_sq - 2 * frobenius_inner(target, result) + result_sq, 0.0) / target_sq)
-        ratios.append(math.sqrt(result_sq / target_sq))
+def fidelity(merged: loralego.Adapter, inputs: list[loralego.Adapter]) -> dict[str, float]:
+    """Means over modules of the squared relative error and the norm ratio against the average ensemble."""
+    n = len(inputs)
+    checks = verify(merged, inputs, [1.0 / n] * n).modules
+    errors = [check.relative_error**2 for check in checks]
+    ratios = [check.merged_norm / check.target_norm for check in checks]
     return {"rel_error_sq": sum(errors) / len(errors), "norm_ratio": sum(ratios) / len(ratios)}
 
 
@@ -60,14 +53,12 @@ def main() -> None:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for adapter_set in ("uniform", "hetero"):
         inputs = [loralego.load(path) for path in adapter_paths(adapter_set)]
-        n = len(inputs)
-        ensemble = loralego.merge(inputs, method="cat", weights=[1.0 / n] * n, device="cpu")
         out[adapter_set] = {}
-        for name, options in merges(n).items():
+        for name, options in merges(len(inputs)).items():
             if options["method"] == "linear" and adapter_set == "hetero":
                 continue  # equal ranks only
             merged = loralego.merge(inputs, device="cpu", **options)
-            out[adapter_set][name] = fidelity(merged, ensemble)
+            out[adapter_set][name] = fidelity(merged, inputs)
             row = out[adapter_set][name]
             print(f"{adapter_set:8s} {name:24s} rel.err^2 {row['rel_error_sq']:.3f}  norm {row['norm_ratio']:.3f}")
     (RESULTS / "fidelity.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")

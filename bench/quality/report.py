@@ -188,16 +188,16 @@ def variant_section(results_by_set: dict[str, dict[str, Any]]) -> str:
 
 def agreement(cpu: dict[str, Any], other: dict[str, Any]) -> str:
     """How far the same merges score apart on the two machines (bf16 autocast differs by device)."""
-    common = sorted(set(cpu["runs"]) & set(other["runs"]))
-    if not common:
-        return ""
-    diffs = [
-        abs(normalised(cpu["runs"][k]["scores"], cpu["singles"])["id_norm"]
-            - normalised(other["runs"][k]["scores"], other["singles"])["id_norm"])
-        for k in common
-        if set(cpu["runs"][k]["scores"]) == set(other["runs"][k]["scores"]) and "id_norm" in normalised(
-            cpu["runs"][k]["scores"], cpu["singles"])
+
+    def id_norm(results: dict[str, Any], name: str) -> float:
+        return normalised(results["runs"][name]["scores"], results["singles"])["id_norm"]
+
+    common = [
+        name
+        for name in sorted(set(cpu["runs"]) & set(other["runs"]))
+        if cpu["runs"][name]["scores"].keys() == other["runs"][name]["scores"].keys()
     ]
+    diffs = [abs(id_norm(cpu, name) - id_norm(other, name)) for name in common]
     diffs = [d for d in diffs if d == d]  # drop NaN (runs without in-domain tasks)
     if not diffs:
         return ""

@@ -21,6 +21,14 @@ def frobenius_norm_sq(x: Factors) -> float:
     return max(frobenius_inner(x, x), 0.0)
 
 
+def _qr_core(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Q_B, Q_A, R_B R_A^T)`` in float64: ``B @ A = Q_B (R_B R_A^T) Q_A^T``, so the small ``N x N`` core has
+    the singular values of the update."""
+    q_b, r_b = torch.linalg.qr(lora_b.double())  # d_out x N, N x N
+    q_a, r_a = torch.linalg.qr(lora_a.double().T)  # d_in x N, N x N
+    return q_b, q_a, r_b @ r_a.T
+
+
 def thin_svd(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of ``B @ A`` from its factors: returns ``(U, S, Vh)`` with ``B @ A = U diag(S) Vh``.
 
@@ -28,9 +36,7 @@ def thin_svd(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, 
     truncation is exact to working precision; results are returned in float32. ``U`` is ``d_out x N``,
     ``Vh`` is ``N x d_in``, singular values descending.
     """
-    q_b, r_b = torch.linalg.qr(lora_b.double())  # d_out x N, N x N
-    q_a, r_a = torch.linalg.qr(lora_a.double().T)  # d_in x N, N x N
-    core = r_b @ r_a.T
+    q_b, q_a, core = _qr_core(lora_a, lora_b)
     u_core, s, vh_core = torch.linalg.svd(core)
     u = q_b @ u_core
     vh = vh_core @ q_a.T
@@ -61,9 +67,7 @@ def rank_for_energy(lora_a: torch.Tensor, lora_b: torch.Tensor, energy: float) -
 
     The singular values come from the ``N x N`` core of the two thin QRs, as in ``thin_svd``.
     """
-    _, r_b = torch.linalg.qr(lora_b.double())
-    _, r_a = torch.linalg.qr(lora_a.double().T)
-    squared = torch.linalg.svdvals(r_b @ r_a.T) ** 2
+    squared = torch.linalg.svdvals(_qr_core(lora_a, lora_b)[2]) ** 2
     total = float(squared.sum())
     if total <= 0.0:
         return 1

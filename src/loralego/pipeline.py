@@ -109,7 +109,7 @@ def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
                     f"method {method.name} needs equal ranks, but module {module} has ranks "
                     f"{sorted(ranks)}; use cat, svd or lego for mixed ranks"
                 )
-    if options.energy is not None and method.name in _RANKLESS:
+    if options.energy is not None and not method.takes_rank:
         raise LoraLegoError(f"--energy picks an output rank, but method {method.name} does not take one")
     rank = options.rank
     if rank is None and not method.exact_by_default and options.energy is None:
@@ -151,9 +151,6 @@ def _check_folded(adapter: Adapter, module: str, factors: tuple[torch.Tensor, to
                 f"{adapter.path or adapter.name}: module {module}: {which} is too large to merge "
                 f"(norm {norm:.3g} after scaling by alpha/r and the weight; limit {_MAX_FOLDED_NORM:.0e})"
             )
-
-
-_RANKLESS = ("cat", "linear")  # methods whose output rank is fixed by the inputs
 
 
 def module_rank(plan: MergePlan, module: str, factors: list[Factors] | None = None) -> int | None:

@@ -17,9 +17,12 @@ def register(
     exact_by_default: bool = False,
     equal_ranks: bool = False,
     average_by_default: bool = False,
+    takes_rank: bool = True,
 ) -> Callable[[Callable[[ModuleJob], ModuleResult]], Callable[[ModuleJob], ModuleResult]]:
     def wrap(function: Callable[[ModuleJob], ModuleResult]) -> Callable[[ModuleJob], ModuleResult]:
-        METHODS[name] = MergeMethod(name, function, summary, exact_by_default, equal_ranks, average_by_default)
+        METHODS[name] = MergeMethod(
+            name, function, summary, exact_by_default, equal_ranks, average_by_default, takes_rank
+        )
         return function
 
     return wrap

@@ -54,7 +54,8 @@ class MergeMethod:
     ``exact_by_default``: without ``--rank`` the method returns the exact result (its rank is the pool size)
     instead of the largest input rank. ``equal_ranks``: the method is only defined for inputs of one rank.
     ``average_by_default``: without ``--weights`` every adapter gets ``1 / n`` (the method targets the average
-    of the task updates), not 1.
+    of the task updates), not 1. ``takes_rank``: the method can return a chosen output rank (``--energy``
+    needs one); False where the inputs fix it.
     """
 
     name: str
@@ -63,3 +64,4 @@ class MergeMethod:
     exact_by_default: bool = False
     equal_ranks: bool = False
     average_by_default: bool = False
+    takes_rank: bool = True

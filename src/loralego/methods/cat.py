@@ -7,7 +7,9 @@ from . import register
 from .base import ModuleJob, ModuleResult
 
 
-@register("cat", "exact concatenation along the rank axis (the output ensemble)", exact_by_default=True)
+@register(
+    "cat", "exact concatenation along the rank axis (the output ensemble)", exact_by_default=True, takes_rank=False
+)
 def merge_cat(job: ModuleJob) -> ModuleResult:
     lora_a, lora_b = concat(job.factors)
     return ModuleResult(lora_a, lora_b)

@@ -193,8 +193,7 @@ def cluster_labels(features: torch.Tensor, k: int, job: ModuleJob) -> torch.Tens
 
 def rankwise_merge(job: ModuleJob, variant: LegoVariant) -> ModuleResult:
     ensemble = concat(job.factors)  # the exact weighted ensemble, the target of the output scale
-    factors = balance_adapters(job.factors) if variant.balance else job.factors
-    lora_a, lora_b = concat(factors)
+    lora_a, lora_b = concat(balance_adapters(job.factors)) if variant.balance else ensemble
     d_in = lora_a.shape[1]
     units = to_units(lora_a, lora_b)
     if variant.gauge == "balanced":

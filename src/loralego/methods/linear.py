@@ -15,7 +15,9 @@ from . import register
 from .base import ModuleJob, ModuleResult
 
 
-@register("linear", "factor-wise weighted sum of A and B (as PEFT); equal ranks only", equal_ranks=True)
+@register(
+    "linear", "factor-wise weighted sum of A and B (as PEFT); equal ranks only", equal_ranks=True, takes_rank=False
+)
 def merge_linear(job: ModuleJob) -> ModuleResult:
     lora_a = torch.stack([a for a, _ in job.factors]).sum(0)
     lora_b = torch.stack([b for _, b in job.factors]).sum(0)
