@@ -333,7 +333,8 @@ python bench/quality/report.py                               # this page and doc
 
 `evaluate.py run` scores every planned run not yet in the results file, most informative first; `--only
 PREFIX ...` restricts it (the headline CPU tables were run with `--only` for everything but the `v_*` sweep,
-which takes about 2 hours per set on 2 CPU cores and 5 minutes on one GPU with `--device cuda`).
+52 runs per set: 281 s (uniform) and 350 s (hetero) of merging and scoring on one GPU with `--device
+cuda`; at the CPU tables' median of about 90 s per run, about 1.3 hours per set on 2 CPU cores).
 
 Scores: accuracy on each task's fixed test split. *ID norm* = mean over the 7 in-domain tasks of
 accuracy divided by the accuracy of the task's own LoRA (1.0 = every task as good as its own LoRA).
