@@ -80,11 +80,34 @@ class MergeOptions(BaseModel):
     # TIES / DARE / magnitude pruning options
     density: float = Field(0.2, description="fraction of entries kept (ties, dare_*, magnitude_prune)")
     majority_sign: Literal["total", "frequency"] = Field("total", description="sign election of ties / dare_ties")
-    space: Literal["dense", "factors"] = Field(
+    space: Literal["dense", "factors", "core"] = Field(
         "dense",
         description="where ties / dare_* / magnitude_prune work: dense = on each module's full update, then the "
         "best rank-k approximation (any ranks; PEFT's *_svd); factors = on A and B separately (PEFT's plain "
-        "variants; equal ranks only, output rank = input rank)",
+        "variants; equal ranks only, output rank = input rank); core = on each input's small core matrix in the "
+        "shared singular bases of the stacked factors (Core Space merging), then the exact rank-k truncation",
+    )
+    # TSV-Merge (tsv)
+    tsv_alpha: float = Field(
+        1.0, description="scale of the merged update (tsv); the authors search it in (0, 3] on validation data"
+    )
+    # Iso-C / Iso-CTS (iso_c, iso_cts)
+    iso_alpha: float = Field(
+        1.0,
+        description="scale of the flattened spectrum (iso_c, iso_cts); the authors search it in (0, 3] on "
+        "validation data",
+    )
+    iso_common_fraction: float = Field(
+        0.8, description="share of the core's dimensions given to the common subspace (iso_cts; authors: 0.8)"
+    )
+    # KnOTS (knots_ties, knots_dare); defaults: the authors' Llama-3-8B configs
+    knots_ties_alpha: float = Field(0.5, description="scale of the merged update (knots_ties; authors: 0.5)")
+    knots_ties_density: float = Field(
+        1.0, description="fraction of each task's entries kept by TIES' trim (knots_ties; authors: topK 100%)"
+    )
+    knots_dare_alpha: float = Field(0.4, description="scale of the merged update (knots_dare; authors: 0.4)")
+    knots_dare_density: float = Field(
+        0.2, description="DARE keep probability (knots_dare; authors: drop 0.8)"
     )
     # Execution and output
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -122,11 +145,25 @@ class MergeOptions(BaseModel):
             raise ValueError("must be in (0, 1]")
         return value
 
-    @field_validator("density")
+    @field_validator("density", "knots_ties_density", "knots_dare_density")
     @classmethod
     def _density_in_range(cls, value: float) -> float:
         if not 0.0 < value <= 1.0:
             raise ValueError("must be in (0, 1]")
+        return value
+
+    @field_validator("tsv_alpha", "iso_alpha", "knots_ties_alpha", "knots_dare_alpha")
+    @classmethod
+    def _finite_scale(cls, value: float) -> float:
+        if value != value or abs(value) == float("inf"):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("iso_common_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be in [0, 1]")
         return value
 
     @field_validator("n_init", "max_iter")

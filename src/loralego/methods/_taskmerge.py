@@ -7,6 +7,9 @@
   ``dare_linear_svd``, ``dare_ties_svd`` and ``magnitude_prune_svd``.
 - ``factors``: the combination runs on the A factors, then on the B factors, separately (PEFT's plain
   ``ties``, ``dare_*`` and ``magnitude_prune``). Only defined for inputs of one rank; the output keeps it.
+- ``core``: the combination runs on each input's ``N x N`` core in the shared singular bases of the stacked
+  factors (``corespace``; Core Space merging, Panariello et al. 2025), the result maps back exactly and is cut
+  to rank k by the SVD of the small merged core. Any ranks; the kept energy is in the module's details.
 
 The factors arrive folded (``sqrt(|w| * scale)`` on each side, the sign of w on A), exactly the per-factor
 weights PEFT applies in its factor-wise merges, so no further weighting happens here.
@@ -18,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ..corespace import core_space, truncate_core
 from ..densesvd import truncate_dense
 from ..errors import LoraLegoError
 from .base import ModuleJob, ModuleResult
@@ -31,9 +35,13 @@ def merge_task_tensors(job: ModuleJob, combine: Combine, method: str) -> ModuleR
     generator = job.generator(job.factors[0][0].device)
     if job.options.space == "factors":
         return _in_factor_space(job, combine, method, generator)
+    rank = job.rank if job.rank is not None else max(job.source_ranks)
+    if job.options.space == "core":
+        space = core_space(job.factors)
+        cut = truncate_core(space, combine(space.cores, job, generator), rank)
+        return ModuleResult(cut.lora_a, cut.lora_b, {"space": "core", "kept_energy": cut.kept_energy})
     updates = (lora_b @ lora_a for lora_a, lora_b in job.factors)  # lazy: one dense update alive at a time
     merged = combine(updates, job, generator)
-    rank = job.rank if job.rank is not None else max(job.source_ranks)
     lora_a, lora_b = truncate_dense(merged, rank)
     return ModuleResult(lora_a, lora_b, {"space": "dense"})
 

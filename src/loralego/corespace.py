@@ -1,0 +1,145 @@
+"""The core space of one module's LoRA updates (Panariello et al., NeurIPS 2025): exact algebra on small matrices.
+
+For inputs with folded factors ``(A_j, B_j)`` (update ``B_j @ A_j``, ranks ``r_j``, ``N = sum r_j``):
+
+- ``Q_a`` (``d_in x n_a``) is an orthonormal basis of the rows of all A's, ``Q_b`` (``d_out x n_b``) one of the
+  columns of all B's (``n_a = min(N, d_in)``, ``n_b = min(N, d_out)``): the singular vectors of the two stacks,
+  as the authors use (``get_core_matrices`` in apanariello4/core-space-merging ``task_merger.py``), computed as
+  a thin QR of each stack then the SVD of its small triangular factor. Element-wise merges (TIES, DARE) depend
+  on the basis; the singular basis does not depend on the order of the inputs (up to signs, which TIES and DARE
+  are equivariant to), a plain QR basis would.
+- Input j's core is ``C_j = (Q_b^T B_j)(A_j Q_a)``, ``n_b x n_a``. The projection is lossless:
+  ``B_j = Q_b Q_b^T B_j`` and ``A_j = A_j Q_a Q_a^T`` because each factor lies in the span of its stack, so
+  ``Q_b C_j Q_a^T = B_j A_j`` exactly (to rounding; computed in float64).
+- Any merge of the cores maps back exactly as ``Q_b M Q_a^T``; its best rank-k approximation is
+  ``Q_b (best rank-k of M) Q_a^T`` (both bases are orthonormal, so the singular values are M's).
+
+Everything here costs ``O((d_in + d_out) N^2 + N^3)``: no ``d_out x d_in`` matrix is formed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .msu import Factors
+
+
+@dataclass(frozen=True)
+class CoreSpace:
+    """Orthonormal bases of one module's inputs and each input's core (all float64)."""
+
+    basis_out: torch.Tensor  # Q_b, d_out x n_b
+    basis_in: torch.Tensor  # Q_a, d_in x n_a
+    cores: list[torch.Tensor]  # C_j, n_b x n_a each
+
+    @property
+    def size(self) -> int:
+        """The smaller side of the cores (the most any merged core's rank can be)."""
+        return min(self.basis_out.shape[1], self.basis_in.shape[1])
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Rank-k factors at scale 1 and the fraction of the merged core's energy they keep."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    kept_energy: float
+
+
+def core_space(factors: list[Factors]) -> CoreSpace:
+    """Bases from QR of the stacked factors, then each input's core."""
+    a_stack = torch.cat([a for a, _ in factors], dim=0).double()  # N x d_in
+    b_stack = torch.cat([b for _, b in factors], dim=1).double()  # d_out x N
+    basis_in = _singular_basis(a_stack.T)  # d_in x n_a: right singular vectors of the A stack
+    basis_out = _singular_basis(b_stack)  # d_out x n_b: left singular vectors of the B stack
+    cores = [(basis_out.T @ b.double()) @ (a.double() @ basis_in) for a, b in factors]
+    return CoreSpace(basis_out, basis_in, cores)
+
+
+def _singular_basis(stack: torch.Tensor) -> torch.Tensor:
+    """Left singular vectors of a tall ``d x N`` stack (all ``min(d, N)`` of them): ``Q U`` for ``stack = Q R``
+    and ``R = U S V^T``; O(d N^2), no d x d matrix."""
+    q, r = torch.linalg.qr(stack)
+    return q @ torch.linalg.svd(r, full_matrices=False)[0]
+
+
+def to_update(space: CoreSpace, core: torch.Tensor) -> torch.Tensor:
+    """The dense update ``Q_b M Q_a^T`` of a core (tests and checks only)."""
+    return space.basis_out @ core @ space.basis_in.T
+
+
+def to_factors(space: CoreSpace, core: torch.Tensor) -> Factors:
+    """Exact factors (rank = core size) of a merged core: ``A = Q_a^T``, ``B = Q_b M``, float64."""
+    return space.basis_in.T.contiguous(), space.basis_out @ core
+
+
+def canonical_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> Factors:
+    """Balanced float32 factors ``A = sqrt(S) Vh``, ``B = U sqrt(S)`` with the sign convention of
+    ``lowrank.truncate`` (largest-magnitude entry of each row of A positive), so outputs do not depend on
+    LAPACK's sign choice."""
+    pivot = vh.abs().argmax(dim=1)
+    signs = torch.sign(vh.gather(1, pivot[:, None]).squeeze(1))
+    signs[signs == 0] = 1.0
+    root = s.clamp_min(0).sqrt() * signs
+    return (root[:, None] * vh).float().contiguous(), (u * root[None, :]).float().contiguous()
+
+
+def energy_fraction(kept: torch.Tensor, total: torch.Tensor) -> float:
+    """``sum kept^2 / sum total^2`` (1.0 for a zero matrix)."""
+    denominator = float((total.double() ** 2).sum())
+    return 1.0 if denominator <= 0.0 else float((kept.double() ** 2).sum()) / denominator
+
+
+def truncate_core(space: CoreSpace, core: torch.Tensor, rank: int) -> Truncation:
+    """Best rank-k approximation (Eckart-Young) of ``Q_b M Q_a^T``, from the SVD of the small core ``M``."""
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    rank = max(1, min(rank, s.numel()))
+    lora_a, lora_b = canonical_factors(space.basis_out @ u[:, :rank], s[:rank], vh[:rank] @ space.basis_in.T)
+    return Truncation(lora_a, lora_b, energy_fraction(s[:rank], s))
+
+
+def truncate_orthogonal(
+    space: CoreSpace,
+    u: torch.Tensor,
+    s: torch.Tensor,
+    v: torch.Tensor,
+    priority: torch.Tensor,
+    rank: int,
+) -> Truncation:
+    """Rank-k truncation of ``Q_b U diag(s) V^T Q_a^T`` when ``U`` and ``V`` have orthonormal columns.
+
+    Then ``U diag(s) V^T`` is already an SVD, so keeping the k components of largest ``s`` is the best rank-k
+    approximation. ``priority`` breaks the ties of flat spectra (Iso-C, Iso-CTS, where every ``s`` is equal and
+    any k components are optimal): components are kept by ``(s, priority)`` descending, a deterministic choice
+    among equally good truncations.
+    """
+    rank = max(1, min(rank, s.numel()))
+    # Stable lexicographic order: by priority, then (stably) by s.
+    order = torch.argsort(priority, descending=True, stable=True)
+    order = order[torch.argsort(s[order], descending=True, stable=True)]
+    keep = order[:rank]
+    lora_a, lora_b = canonical_factors(
+        space.basis_out @ u[:, keep], s[keep], v[:, keep].T @ space.basis_in.T
+    )
+    return Truncation(lora_a, lora_b, energy_fraction(s[keep], s))
+
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthonormal polar factor ``U V^T`` of ``matrix = U S V^T`` (the nearest matrix with orthonormal
+    columns): the decorrelation step of TSV-Merge and Iso-CTS."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def truncate_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> Truncation:
+    """Best rank-k approximation of ``B @ A`` given as thin factors (``A: m x d_in``, ``B: d_out x m``), with the
+    kept energy: QR of both sides, SVD of the ``m x m`` core (float64)."""
+    q_b, r_b = torch.linalg.qr(lora_b.double())
+    q_a, r_a = torch.linalg.qr(lora_a.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    rank = max(1, min(rank, s.numel()))
+    lora_a, lora_b = canonical_factors(q_b @ u[:, :rank], s[:rank], vh[:rank] @ q_a.T)
+    return Truncation(lora_a, lora_b, energy_fraction(s[:rank], s))
