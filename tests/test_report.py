@@ -134,3 +134,46 @@ def test_report_of_kohya_merge_without_clusters(tmp_path):
     html = page.read_text(encoding="utf-8")
     assert len(_check_self_contained(html)) == 2  # no cluster heat maps for svd
     assert "does not cluster units" in html and "lora_unet_down_blocks_0_resnets_0_conv1" in html
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("lego", []),
+        ("lego+", []),  # weights 1/n by default: the report must use them, as the merge did
+        ("svd", []),
+        ("cat", []),
+        ("task_arithmetic", ["--rank", "5"]),
+        ("ties", ["--density", "0.5"]),
+        ("dare_linear", []),
+        ("dare_ties", []),
+        ("magnitude_prune", []),
+        ("linear", []),
+        ("lego", ["--target", "vllm", "--weights", "1", "0.5"]),
+    ],
+)
+def test_report_figures_equal_verify_json(method, extra, mixed_adapters, adapter_factory, tmp_path):
+    inputs = [str(p) for p in mixed_adapters]
+    if method == "linear":  # equal ranks only
+        inputs = [str(adapter_factory(r=8, alpha=4, seed=s)) for s in (21, 22)]
+    if "--weights" in extra:
+        inputs = inputs[:2]
+    out, report = tmp_path / "merged", tmp_path / "report.html"
+    assert main(["merge", *inputs, "--out", str(out), "--method", method, "--report", str(report), "-q", *extra]) == 0
+    figures = json.loads(report.with_suffix(".json").read_text())
+    verify_json = tmp_path / "verify.json"
+    assert main(["verify", str(out), *inputs, "--json", str(verify_json)]) == 0
+    verified = json.loads(verify_json.read_text())
+    assert figures["weights"] == verified["weights"]
+    assert [m["module"] for m in figures["modules"]] == [m["module"] for m in verified["modules"]]
+    for mine, theirs in zip([figures["total"], *figures["modules"]], [verified["total"], *verified["modules"]],
+                            strict=True):
+        assert mine.keys() == theirs.keys()
+        for key, value in mine.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), key
+            else:
+                assert value == theirs[key], key
+    if method == "lego+":
+        n = len(inputs)
+        assert figures["weights"] == pytest.approx([1 / n] * n)
