@@ -22,8 +22,6 @@ from .overrides import override_for, unused_patterns
 from .vllm import check_inputs as check_vllm_inputs
 from .vllm import check_vllm, serving_rank
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class ModulePlan:
@@ -193,7 +191,7 @@ def _output(adapters: list[Adapter], options: MergeOptions, modules: dict[str, M
         dtypes = {a.dtype for a in adapters}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     else:
-        dtype = _DTYPES[options.dtype]
+        dtype = getattr(torch, options.dtype)  # one of float32, float16, bfloat16 (validated by MergeOptions)
     if options.target != "vllm":
         return OutputSpec(fmt, dtype)
     check_vllm_inputs(adapters, fmt)
