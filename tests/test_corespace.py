@@ -30,20 +30,21 @@ def _factors(ranks: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.
     ]
 
 
-def _job(factors, rank: int, **options) -> ModuleJob:
+def _job(factors, rank: int, method: str, **params) -> ModuleJob:
     return ModuleJob(
         module="m",
         factors=[(a.float(), b.float()) for a, b in factors],
         adapter_indices=list(range(len(factors))),
         source_ranks=[a.shape[0] for a, _ in factors],
         rank=rank,
+        rank_requested=True,
         seed=7,
-        options=make_options(**options),
+        params=get_method(method).params(**params),
     )
 
 
 def _merged_update(method: str, factors, rank: int, **options) -> torch.Tensor:
-    result = get_method(method).merge(_job(factors, rank, method=method, **options))
+    result = get_method(method).merge(_job(factors, rank, method, **options))
     return result.lora_b.double() @ result.lora_a.double()
 
 
@@ -235,7 +236,7 @@ def test_core_ties_on_inputs_diagonal_in_the_core_equals_dense_ties():
 def test_core_space_methods_equal_their_formula_on_the_cores(method):
     factors = _factors([3, 5], seed=8)
     space = core_space(factors)
-    job = _job(factors, 6, method=method, space="core", density=0.4)
+    job = _job(factors, 6, method, space="core", density=0.4)
     generator = job.generator()
     combine = {
         "ties": lambda t: taskmath.ties(t, 0.4),

@@ -87,6 +87,19 @@ def canonical_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> Fac
     return (root[:, None] * vh).float().contiguous(), (u * root[None, :]).float().contiguous()
 
 
+def pad_rank(factors: Factors, rank: int) -> Factors:
+    """Zero components up to ``rank`` when the merged update has fewer (rank-deficient inputs): the planned
+    output rank is kept, the update unchanged."""
+    lora_a, lora_b = factors
+    missing = rank - lora_a.shape[0]
+    if missing <= 0:
+        return lora_a, lora_b
+    return (
+        torch.cat([lora_a, lora_a.new_zeros(missing, lora_a.shape[1])], dim=0),
+        torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], missing)], dim=1),
+    )
+
+
 def energy_fraction(kept: torch.Tensor, total: torch.Tensor) -> float:
     """``sum kept^2 / sum total^2`` (1.0 for a zero matrix)."""
     denominator = float((total.double() ** 2).sum())
@@ -96,9 +109,9 @@ def energy_fraction(kept: torch.Tensor, total: torch.Tensor) -> float:
 def truncate_core(space: CoreSpace, core: torch.Tensor, rank: int) -> Truncation:
     """Best rank-k approximation (Eckart-Young) of ``Q_b M Q_a^T``, from the SVD of the small core ``M``."""
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    rank = max(1, min(rank, s.numel()))
-    lora_a, lora_b = canonical_factors(space.basis_out @ u[:, :rank], s[:rank], vh[:rank] @ space.basis_in.T)
-    return Truncation(lora_a, lora_b, energy_fraction(s[:rank], s))
+    kept = max(1, min(rank, s.numel()))
+    factors = canonical_factors(space.basis_out @ u[:, :kept], s[:kept], vh[:kept] @ space.basis_in.T)
+    return Truncation(*pad_rank(factors, rank), energy_fraction(s[:kept], s))
 
 
 def truncate_orthogonal(
@@ -116,15 +129,12 @@ def truncate_orthogonal(
     any k components are optimal): components are kept by ``(s, priority)`` descending, a deterministic choice
     among equally good truncations.
     """
-    rank = max(1, min(rank, s.numel()))
     # Stable lexicographic order: by priority, then (stably) by s.
     order = torch.argsort(priority, descending=True, stable=True)
     order = order[torch.argsort(s[order], descending=True, stable=True)]
-    keep = order[:rank]
-    lora_a, lora_b = canonical_factors(
-        space.basis_out @ u[:, keep], s[keep], v[:, keep].T @ space.basis_in.T
-    )
-    return Truncation(lora_a, lora_b, energy_fraction(s[keep], s))
+    keep = order[: max(1, min(rank, s.numel()))]
+    factors = canonical_factors(space.basis_out @ u[:, keep], s[keep], v[:, keep].T @ space.basis_in.T)
+    return Truncation(*pad_rank(factors, rank), energy_fraction(s[keep], s))
 
 
 def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -140,6 +150,6 @@ def truncate_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> T
     q_b, r_b = torch.linalg.qr(lora_b.double())
     q_a, r_a = torch.linalg.qr(lora_a.double().T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    rank = max(1, min(rank, s.numel()))
-    lora_a, lora_b = canonical_factors(q_b @ u[:, :rank], s[:rank], vh[:rank] @ q_a.T)
-    return Truncation(lora_a, lora_b, energy_fraction(s[:rank], s))
+    kept = max(1, min(rank, s.numel()))
+    factors = canonical_factors(q_b @ u[:, :kept], s[:kept], vh[:kept] @ q_a.T)
+    return Truncation(*pad_rank(factors, rank), energy_fraction(s[:kept], s))

@@ -26,11 +26,33 @@ The merged update has rank up to R <= N; the exact rank-k truncation (kept energ
 from __future__ import annotations
 
 import torch
+from pydantic import Field, field_validator
 
 from .. import taskmath
 from ..corespace import CoreSpace, core_space, truncate_factors
 from . import register
-from .base import ModuleJob, ModuleResult
+from .base import MethodParams, ModuleJob, ModuleResult, check_fraction
+from .spectral import finite_scale
+
+
+class KnotsTiesParams(MethodParams):
+    knots_ties_alpha: float = Field(0.5, description="scale of the merged update (authors' Llama-3-8B config: 0.5)")
+    knots_ties_density: float = Field(
+        1.0, description="fraction of each task's entries kept by TIES' trim (authors' Llama config: topK 100%)"
+    )
+
+    _alpha = field_validator("knots_ties_alpha")(finite_scale)
+    _density = field_validator("knots_ties_density")(check_fraction)
+
+
+class KnotsDareParams(MethodParams):
+    knots_dare_alpha: float = Field(0.4, description="scale of the merged update (authors' Llama-3-8B config: 0.4)")
+    knots_dare_density: float = Field(
+        0.2, description="DARE keep probability (authors' Llama config: drop 0.8)"
+    )
+
+    _alpha = field_validator("knots_dare_alpha")(finite_scale)
+    _density = field_validator("knots_dare_density")(check_fraction)
 
 RELATIVE_CUTOFF = 1e-9
 
@@ -50,21 +72,28 @@ def knots_basis(space: CoreSpace) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 def _merge(job: ModuleJob, merged_reps: torch.Tensor, basis: torch.Tensor, alpha: float, method: str) -> ModuleResult:
-    rank = job.rank if job.rank is not None else max(job.source_ranks)
-    cut = truncate_factors(alpha * merged_reps, basis, rank)
+    cut = truncate_factors(alpha * merged_reps, basis, job.rank)
     return ModuleResult(cut.lora_a, cut.lora_b, {"space": "core", "method": method, "kept_energy": cut.kept_energy})
 
 
-@register("knots_ties", "KnOTS-TIES: shared SVD basis of the concatenated updates, TIES on the task parts")
+@register(
+    "knots_ties",
+    "KnOTS-TIES: shared SVD basis of the concatenated updates, TIES on the task parts",
+    params=KnotsTiesParams,
+)
 def merge_knots_ties(job: ModuleJob) -> ModuleResult:
     basis, reps = knots_basis(core_space(job.factors))
-    merged = taskmath.ties(reps, job.options.knots_ties_density, "total")
-    return _merge(job, merged, basis, job.options.knots_ties_alpha, "knots_ties")
+    merged = taskmath.ties(reps, job.params.knots_ties_density, "total")
+    return _merge(job, merged, basis, job.params.knots_ties_alpha, "knots_ties")
 
 
-@register("knots_dare", "KnOTS-DARE: shared SVD basis, DARE drop + TIES sign and disjoint mean; seeded")
+@register(
+    "knots_dare",
+    "KnOTS-DARE: shared SVD basis, DARE drop + TIES sign and disjoint mean; seeded",
+    params=KnotsDareParams,
+)
 def merge_knots_dare(job: ModuleJob) -> ModuleResult:
     basis, reps = knots_basis(core_space(job.factors))
     generator = job.generator(reps[0].device)
-    merged = taskmath.dare_ties(reps, job.options.knots_dare_density, generator, "total")
-    return _merge(job, merged, basis, job.options.knots_dare_alpha, "knots_dare")
+    merged = taskmath.dare_ties(reps, job.params.knots_dare_density, generator, "total")
+    return _merge(job, merged, basis, job.params.knots_dare_alpha, "knots_dare")

@@ -30,10 +30,50 @@ fraction of the merged update's energy is reported in the module's details (``ke
 from __future__ import annotations
 
 import torch
+from pydantic import Field, field_validator
 
 from ..corespace import CoreSpace, Truncation, core_space, polar_factor, truncate_orthogonal
 from . import register
-from .base import ModuleJob, ModuleResult
+from .base import MethodParams, ModuleJob, ModuleResult
+
+
+def finite_scale(value: float) -> float:
+    if value != value or abs(value) == float("inf"):
+        raise ValueError("must be a finite number")
+    return value
+
+
+class TsvParams(MethodParams):
+    tsv_alpha: float = Field(
+        1.0,
+        description="scale of the merged update (tsv); the authors pick it on validation data in (0, 3], "
+        "publishing no single default",
+    )
+
+    _alpha = field_validator("tsv_alpha")(finite_scale)
+
+
+class IsoCParams(MethodParams):
+    iso_alpha: float = Field(
+        1.0,
+        description="scale of the flattened spectrum (iso_c, iso_cts); the authors pick it on validation data in "
+        "(0, 3], publishing no single default",
+    )
+
+    _alpha = field_validator("iso_alpha")(finite_scale)
+
+
+class IsoCtsParams(IsoCParams):
+    iso_common_fraction: float = Field(
+        0.8, description="share of the core's dimensions given to the common subspace (iso_cts; authors: 0.8)"
+    )
+
+    @field_validator("iso_common_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return value
 
 
 def _result(cut: Truncation, method: str) -> ModuleResult:
@@ -41,7 +81,7 @@ def _result(cut: Truncation, method: str) -> ModuleResult:
 
 
 def _rank(job: ModuleJob) -> int:
-    return job.rank if job.rank is not None else max(job.source_ranks)
+    return job.rank
 
 
 def tsv_components(
@@ -63,13 +103,17 @@ def tsv_components(
     return polar_factor(torch.cat(us, dim=1)), torch.cat(ss), polar_factor(torch.cat(vs, dim=1))
 
 
-@register("tsv", "TSV-Merge: per-task singular vectors, decorrelated (polar factors), rebuilt; core space, exact")
+@register(
+    "tsv",
+    "TSV-Merge: per-task singular vectors, decorrelated (polar factors), rebuilt; core space, exact",
+    params=TsvParams,
+)
 def merge_tsv(job: ModuleJob) -> ModuleResult:
     space = core_space(job.factors)
     u, s, v = tsv_components(space, job.source_ranks)
-    scaled = job.options.tsv_alpha * s
+    scaled = job.params.tsv_alpha * s
     # A negative alpha flips the update: keep the singular values non-negative, move the sign onto V.
-    sign = -1.0 if job.options.tsv_alpha < 0 else 1.0
+    sign = -1.0 if job.params.tsv_alpha < 0 else 1.0
     return _result(truncate_orthogonal(space, u, scaled.abs(), sign * v, s, _rank(job)), "tsv")
 
 
@@ -108,20 +152,26 @@ def iso_cts_components(
 
 def _flat(job: ModuleJob, space: CoreSpace, parts: tuple[torch.Tensor, ...], method: str) -> ModuleResult:
     u, flat, v, before = parts
-    alpha = job.options.iso_alpha
+    alpha = job.params.iso_alpha
     sign = -1.0 if alpha < 0 else 1.0
     return _result(truncate_orthogonal(space, u, abs(alpha) * flat, sign * v, before, _rank(job)), method)
 
 
-@register("iso_c", "Iso-C: the summed update with its spectrum flattened to the mean (x --iso-alpha); core space")
+@register(
+    "iso_c",
+    "Iso-C: the summed update with its spectrum flattened to the mean (x iso_alpha); core space",
+    params=IsoCParams,
+)
 def merge_iso_c(job: ModuleJob) -> ModuleResult:
     space = core_space(job.factors)
     return _flat(job, space, iso_c_components(space), "iso_c")
 
 
 @register(
-    "iso_cts", "Iso-CTS: common + task-specific subspaces, orthogonalised, flat spectrum (x --iso-alpha); core space"
+    "iso_cts",
+    "Iso-CTS: common + task-specific subspaces, orthogonalised, flat spectrum (x iso_alpha); core space",
+    params=IsoCtsParams,
 )
 def merge_iso_cts(job: ModuleJob) -> ModuleResult:
     space = core_space(job.factors)
-    return _flat(job, space, iso_cts_components(space, job.options.iso_common_fraction), "iso_cts")
+    return _flat(job, space, iso_cts_components(space, job.params.iso_common_fraction), "iso_cts")
