@@ -28,16 +28,40 @@ from .msu import Factors
 
 @dataclass(frozen=True)
 class CoreSpace:
-    """Orthonormal bases of one module's inputs and each input's core (all float64)."""
+    """Orthonormal bases of one module's inputs and each input's core (all float64).
 
-    basis_out: torch.Tensor  # Q_b, d_out x n_b
-    basis_in: torch.Tensor  # Q_a, d_in x n_a
+    Each basis is kept as ``Q @ rotation`` (the stack's QR factor and the singular vectors of its triangular
+    factor), so lifting ``k`` core directions to full size costs ``d N k``, not ``d N^2``.
+    """
+
+    q_out: torch.Tensor  # d_out x n_b, from the QR of the B stack
+    rotation_out: torch.Tensor  # n_b x n_b
+    q_in: torch.Tensor  # d_in x n_a, from the QR of the A stack
+    rotation_in: torch.Tensor  # n_a x n_a
     cores: list[torch.Tensor]  # C_j, n_b x n_a each
 
     @property
     def size(self) -> int:
         """The smaller side of the cores (the most any merged core's rank can be)."""
-        return min(self.basis_out.shape[1], self.basis_in.shape[1])
+        return min(self.q_out.shape[1], self.q_in.shape[1])
+
+    @property
+    def basis_out(self) -> torch.Tensor:
+        """``Q_b``, d_out x n_b."""
+        return self.q_out @ self.rotation_out
+
+    @property
+    def basis_in(self) -> torch.Tensor:
+        """``Q_a``, d_in x n_a."""
+        return self.q_in @ self.rotation_in
+
+    def lift_out(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``Q_b @ vectors`` for core-coordinate columns (``n_b x k``)."""
+        return self.q_out @ (self.rotation_out @ vectors)
+
+    def lift_in(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``Q_a @ vectors`` for core-coordinate columns (``n_a x k``)."""
+        return self.q_in @ (self.rotation_in @ vectors)
 
 
 @dataclass(frozen=True)
@@ -50,30 +74,34 @@ class Truncation:
 
 
 def core_space(factors: list[Factors]) -> CoreSpace:
-    """Bases from QR of the stacked factors, then each input's core."""
+    """Bases from QR of the stacked factors, then each input's core.
+
+    With ``B_stack = Q_b' R_b``, ``R_b = U_b S V^T`` and ``Q_b = Q_b' U_b``, input j's ``Q_b^T B_j`` is
+    ``U_b^T R_b[:, block j]`` (and likewise on the A side), so the cores cost ``O(N^3)`` after the two QRs.
+    """
     a_stack = torch.cat([a for a, _ in factors], dim=0).double()  # N x d_in
     b_stack = torch.cat([b for _, b in factors], dim=1).double()  # d_out x N
-    basis_in = _singular_basis(a_stack.T)  # d_in x n_a: right singular vectors of the A stack
-    basis_out = _singular_basis(b_stack)  # d_out x n_b: left singular vectors of the B stack
-    cores = [(basis_out.T @ b.double()) @ (a.double() @ basis_in) for a, b in factors]
-    return CoreSpace(basis_out, basis_in, cores)
-
-
-def _singular_basis(stack: torch.Tensor) -> torch.Tensor:
-    """Left singular vectors of a tall ``d x N`` stack (all ``min(d, N)`` of them): ``Q U`` for ``stack = Q R``
-    and ``R = U S V^T``; O(d N^2), no d x d matrix."""
-    q, r = torch.linalg.qr(stack)
-    return q @ torch.linalg.svd(r, full_matrices=False)[0]
+    q_in, r_in = torch.linalg.qr(a_stack.T)  # d_in x n_a, n_a x N
+    q_out, r_out = torch.linalg.qr(b_stack)  # d_out x n_b, n_b x N
+    rotation_in = torch.linalg.svd(r_in, full_matrices=False)[0]  # right singular vectors of the A stack
+    rotation_out = torch.linalg.svd(r_out, full_matrices=False)[0]  # left singular vectors of the B stack
+    coords_in, coords_out = rotation_in.T @ r_in, rotation_out.T @ r_out  # each factor in core coordinates
+    cores, start = [], 0
+    for a, _ in factors:
+        block = slice(start, start + a.shape[0])
+        cores.append(coords_out[:, block] @ coords_in[:, block].T)
+        start += a.shape[0]
+    return CoreSpace(q_out, rotation_out, q_in, rotation_in, cores)
 
 
 def to_update(space: CoreSpace, core: torch.Tensor) -> torch.Tensor:
     """The dense update ``Q_b M Q_a^T`` of a core (tests and checks only)."""
-    return space.basis_out @ core @ space.basis_in.T
+    return space.lift_out(core) @ space.basis_in.T
 
 
 def to_factors(space: CoreSpace, core: torch.Tensor) -> Factors:
     """Exact factors (rank = core size) of a merged core: ``A = Q_a^T``, ``B = Q_b M``, float64."""
-    return space.basis_in.T.contiguous(), space.basis_out @ core
+    return space.basis_in.T.contiguous(), space.lift_out(core)
 
 
 def canonical_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> Factors:
@@ -110,7 +138,7 @@ def truncate_core(space: CoreSpace, core: torch.Tensor, rank: int) -> Truncation
     """Best rank-k approximation (Eckart-Young) of ``Q_b M Q_a^T``, from the SVD of the small core ``M``."""
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     kept = max(1, min(rank, s.numel()))
-    factors = canonical_factors(space.basis_out @ u[:, :kept], s[:kept], vh[:kept] @ space.basis_in.T)
+    factors = canonical_factors(space.lift_out(u[:, :kept]), s[:kept], space.lift_in(vh[:kept].T).T)
     return Truncation(*pad_rank(factors, rank), energy_fraction(s[:kept], s))
 
 
@@ -133,7 +161,7 @@ def truncate_orthogonal(
     order = torch.argsort(priority, descending=True, stable=True)
     order = order[torch.argsort(s[order], descending=True, stable=True)]
     keep = order[: max(1, min(rank, s.numel()))]
-    factors = canonical_factors(space.basis_out @ u[:, keep], s[keep], v[:, keep].T @ space.basis_in.T)
+    factors = canonical_factors(space.lift_out(u[:, keep]), s[keep], space.lift_in(v[:, keep]).T)
     return Truncation(*pad_rank(factors, rank), energy_fraction(s[keep], s))
 
 

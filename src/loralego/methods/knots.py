@@ -66,9 +66,9 @@ def knots_basis(space: CoreSpace) -> tuple[torch.Tensor, list[torch.Tensor]]:
     if not bool(keep.any()):
         keep[0] = True  # an all-zero module: one zero component
     u, s, vh = u[:, keep], s[keep], vh[keep]
-    width = space.basis_in.shape[1]
-    reps = [(s[:, None] * vh[:, j * width : (j + 1) * width]) @ space.basis_in.T for j in range(len(space.cores))]
-    return space.basis_out @ u, reps
+    width = space.q_in.shape[1]
+    reps = [space.lift_in((s[:, None] * vh[:, j * width : (j + 1) * width]).T).T for j in range(len(space.cores))]
+    return space.lift_out(u), reps
 
 
 def _merge(job: ModuleJob, merged_reps: torch.Tensor, basis: torch.Tensor, alpha: float, method: str) -> ModuleResult:
