@@ -73,8 +73,7 @@ def _check_compatible(adapters: list[Adapter], force: bool) -> list[str]:
         warnings.append(message + "; merging anyway (--force)")
     if len({a.fan_in_fan_out for a in adapters}) > 1:
         raise LoraLegoError("adapters disagree on fan_in_fan_out; they cannot share one output")
-    if len({a.format for a in adapters}) > 1:
-        raise LoraLegoError("adapters are in different formats: " + ", ".join(sorted({a.format for a in adapters})))
+    # Inputs of different formats share canonical module names (adapters/names.py) and merge module by module.
     shapes: dict[str, tuple[tuple[int, ...], int, str]] = {}
     for adapter in adapters:
         for module, info in adapter.modules.items():
