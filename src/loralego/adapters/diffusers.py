@@ -12,6 +12,7 @@ the same modules as its PEFT folder.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import LoraLegoError
+from .names import component_of
 from .peft import pattern_value
 from .singlefile import write_single_file
 
@@ -80,6 +82,34 @@ def check_metadata(configs: dict[str, dict[str, Any]], path: Path) -> bool:
     return rslora == {True}
 
 
+def alpha_metadata(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, str]:
+    """``lora_adapter_metadata`` as diffusers' ``save_lora_weights`` writes it: per component (``unet.r``,
+    ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern``, ``unet.target_modules``), the most
+    common rank as ``r`` with its alpha, every other module's rank and alpha as full-path patterns."""
+    by_component: dict[str, dict[str, str]] = {}
+    for module in ranks:
+        component = component_of(module)
+        prefix = component or ""
+        relative = module[len(component) + 1 :] if component else module
+        by_component.setdefault(prefix, {})[relative] = module
+    packed: dict[str, Any] = {}
+    for component, modules in sorted(by_component.items()):
+        counts = Counter((ranks[m], alphas[m]) for m in modules.values())
+        (main_rank, main_alpha), _ = max(sorted(counts.items()), key=lambda item: item[1])
+        config = {
+            "r": main_rank,
+            "lora_alpha": main_alpha,
+            "rank_pattern": {rel: ranks[m] for rel, m in modules.items() if ranks[m] != main_rank},
+            "alpha_pattern": {rel: alphas[m] for rel, m in modules.items() if alphas[m] != main_alpha},
+            "target_modules": sorted(modules),
+            "use_dora": False,
+            "use_rslora": False,
+        }
+        for key, value in config.items():
+            packed[f"{component}.{key}" if component else key] = value
+    return {METADATA_KEY: json.dumps(packed, sort_keys=True)}
+
+
 def write_diffusers_file(
     out: Path,
     *,
@@ -89,4 +119,6 @@ def write_diffusers_file(
     force: bool = False,
 ) -> Path:
     """Write canonical ``(module, A, B)`` as a diffusers file (``lora_A`` / ``lora_B`` / ``alpha``)."""
-    return write_single_file(Path(out), FORMAT, tensors=tensors, alphas=alphas, metadata=metadata, force=force)
+    return write_single_file(
+        Path(out), FORMAT, tensors=tensors, alphas=alphas, metadata=metadata, force=force, alpha_metadata=alpha_metadata
+    )

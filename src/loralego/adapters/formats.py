@@ -188,7 +188,15 @@ def write_adapter(
     for sidecar in sidecars:  # refuse before merging, not after
         if sidecar.exists() and not force:
             raise LoraLegoError(f"{sidecar}: output file already exists (use --force to replace it)")
-    write_single_file(out, fmt, tensors=tensors, alphas=alphas, metadata=metadata, force=force)
+    write_single_file(
+        out,
+        fmt,
+        tensors=tensors,
+        alphas=alphas,
+        metadata=metadata,
+        force=force,
+        alpha_metadata=diffusers.alpha_metadata if fmt == "diffusers" else None,
+    )
     for sidecar, text in sidecars.items():
         write_text_atomically(sidecar, text, force=True)
     return None

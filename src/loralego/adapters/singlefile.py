@@ -425,12 +425,15 @@ def write_single_file(
     alphas: Mapping[str, float] | None = None,
     metadata: dict[str, str] | None = None,
     force: bool = False,
+    alpha_metadata: Callable[[dict[str, int], dict[str, float]], dict[str, str]] | None = None,
 ) -> Path:
     """Write ``(canonical module, A, B)`` in ``layout``, atomically, streaming.
 
-    Every module gets an explicit ``<name>.alpha`` (default: its rank, scale 1): loaders that build one config
-    for the whole file would otherwise give all modules the first module's ``alpha / r``, which is wrong as
-    soon as ranks differ (e.g. an exact ``cat``). kohya layouts fuse Flux's split projections back (downs
+    kohya layouts give every module an explicit ``<name>.alpha`` (default: its rank, scale 1): loaders that
+    build one config for the whole file would otherwise give all modules the first module's ``alpha / r``,
+    which is wrong as soon as ranks differ (e.g. an exact ``cat``). The diffusers layout carries ranks and
+    alphas the way diffusers itself does, in metadata (``alpha_metadata(ranks, alphas)``, known at the end),
+    since diffusers' loaders pass ``.alpha`` tensors of PEFT-style files on to PEFT, which ignores them. kohya layouts fuse Flux's split projections back (downs
     stacked, ups block-diagonal, scales folded into the ups, alpha = the fused rank), swap ``norm_out``'s
     halves back, and name text encoders ``lora_te1_`` when the file also adapts a second text encoder or a
     Flux transformer (``lora_te_`` otherwise). The parts of a fused projection, the text encoders' modules and
@@ -440,6 +443,8 @@ def write_single_file(
     require_safetensors_path(out, layout)
     down_suffix, up_suffix = _SUFFIXES["diffusers" if layout == "diffusers" else "kohya"]
     seen: list[str] = []
+    ranks: dict[str, int] = {}
+    written_alphas: dict[str, float] = {}
     held: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
     fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     fused_spec: dict[str, tuple[names.Fused, int]] = {}
@@ -455,7 +460,10 @@ def write_single_file(
         def emit(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float) -> None:
             writer.add(f"{name}{down_suffix}", lora_a)
             writer.add(f"{name}{up_suffix}", lora_b)
-            writer.add(f"{name}.alpha", alpha_tensor(alpha))
+            if layout == "diffusers":
+                ranks[name], written_alphas[name] = int(lora_a.shape[0]), float(alpha)
+            else:
+                writer.add(f"{name}.alpha", alpha_tensor(alpha))
 
         for module, lora_a, lora_b in tensors:
             seen.append(module)
@@ -495,4 +503,6 @@ def write_single_file(
                     rows.append(names.FLUX_MLP_RATIO * d_in)
             lora_a, lora_b = convert.fuse_parts([pieces.get(p) for p in range(len(spec.parts))], rows)
             emit(f"lora_unet_{bfl}", lora_a, lora_b, float(lora_a.shape[0]))
+        if alpha_metadata is not None:
+            writer.metadata.update(alpha_metadata(ranks, written_alphas))
     return out
