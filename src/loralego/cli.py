@@ -51,6 +51,11 @@ def add_option_flags(parser: argparse.ArgumentParser, fields: Sequence[str] | No
                 "--rank-override", dest=name, action="append", default=None, metavar="PATTERN=K", help=help_text
             )
             continue
+        if name == "weight_overrides":  # per input, given as repeated I:PATTERN=W (parsed by MergeOptions)
+            parser.add_argument(
+                "--weight-override", dest=name, action="append", default=None, metavar="I:PATTERN=W", help=help_text
+            )
+            continue
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{help_text} (default: {field.default})"}
         args = typing.get_args(annotation)
         literal = [a for a in args if typing.get_origin(a) is typing.Literal]  # Optional[Literal[...]]

@@ -100,6 +100,13 @@ def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
         raise LoraLegoError(f"--weights: got {len(weights)} weights for {len(adapters)} adapters")
     warnings = _check_compatible(adapters, options.force)
     modules = sorted({m for a in adapters for m in a.modules}, key=natural_key)
+    for index, overrides in enumerate(options.weight_overrides or []):
+        if index >= len(adapters):
+            raise LoraLegoError(f"--weight-override {index + 1}:...: there are only {len(adapters)} inputs")
+        warnings += [
+            f"--weight-override {index + 1}:{p}: matches no module of {adapters[index].name}"
+            for p in unused_patterns(overrides, adapters[index].modules)
+        ]
     if method.equal_ranks:
         for module in modules:
             ranks = {a.modules[module].rank for a in adapters if module in a.modules}
@@ -152,6 +159,13 @@ def _check_folded(adapter: Adapter, module: str, factors: tuple[torch.Tensor, to
             )
 
 
+def module_weight(plan: MergePlan, index: int, module: str) -> float:
+    """Input ``index``'s weight on ``module``: its most specific ``--weight-override``, else its ``--weights``."""
+    overrides = plan.options.weight_overrides or []
+    override = override_for(overrides[index], module) if index < len(overrides) else None
+    return plan.weights[index] if override is None else override
+
+
 def module_rank(plan: MergePlan, module: str, factors: list[Factors] | None = None) -> int | None:
     """The requested k of one module: the most specific ``--rank-override`` matching it, else ``--rank``;
     with ``--energy``, the rank that keeps that much of the module's ensemble energy, capped by the former."""
@@ -166,7 +180,7 @@ def module_rank(plan: MergePlan, module: str, factors: list[Factors] | None = No
 def merge_module(plan: MergePlan, module: str) -> ModuleResult:
     """Read, fold and merge one module; only this module's factors are in memory."""
     indices = [j for j, adapter in enumerate(plan.adapters) if module in adapter.modules]
-    factors = [plan.adapters[j].folded(module, plan.weights[j], plan.device) for j in indices]
+    factors = [plan.adapters[j].folded(module, module_weight(plan, j, module), plan.device) for j in indices]
     for j, pair in zip(indices, factors, strict=True):
         _check_folded(plan.adapters[j], module, pair)
     job = ModuleJob(

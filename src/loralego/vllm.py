@@ -34,7 +34,7 @@ from .adapters.peft import CONFIG_NAME, PREFIX, SAFETENSORS_NAME, write_peft_fol
 from .adapters.safetensors_stream import SafetensorsStreamWriter
 from .errors import LoraLegoError
 
-VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 
 TensorSpec = tuple[tuple[int, ...], str]
