@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusion_models import (  # noqa: E402
+from diffusion_models import (
     family,
     forward,
     load_in_diffusers,
@@ -26,11 +26,11 @@ from diffusion_models import (  # noqa: E402
     save_kohya,
     with_updates,
 )
-from helpers import assert_updates_close, dense_updates, summed_updates  # noqa: E402
+from helpers import assert_updates_close, dense_updates, summed_updates
 
-import loralego  # noqa: E402
-from loralego.adapters import memory_adapter  # noqa: E402
-from loralego.adapters.names import flatten, unflatten  # noqa: E402
+import loralego
+from loralego.adapters import memory_adapter
+from loralego.adapters.names import flatten, unflatten
 
 FAMILIES = ("sd15", "sdxl", "flux")
 
@@ -124,8 +124,9 @@ def test_merged_outputs_load_in_diffusers_with_the_exact_forward_pass(name, fami
     adapters = [loralego.load(layout_files[name, layout]) for layout in fam.layouts]
     for out_format in fam.layouts:
         out = tmp_path / f"merged.{out_format}.safetensors"
-        loralego.merge_to_folder(adapters, out, method="cat", weights=[1.0, 0.5, -0.8][: len(adapters)],
-                                 format=out_format)  # fmt: skip
+        loralego.merge_to_folder(
+            adapters, out, method="cat", weights=[1.0, 0.5, -0.8][: len(adapters)], format=out_format
+        )
         merged = loralego.load(out)
         if name == "flux" and out_format == "kohya":
             merged = _diffusers_convertible_flux(merged, tmp_path)
@@ -151,11 +152,15 @@ def _diffusers_convertible_flux(merged, tmp_path):
     ``load_lora_into_transformer`` drops them silently; their names are checked against its table in
     test_flux_global_modules_match_diffusers_converter."""
     blocks = ("transformer.transformer_blocks.", "transformer.single_transformer_blocks.", "text_encoder.")
-    keep = [m for m in merged.modules if m.startswith(blocks) and not (m.startswith(blocks[1])
-                                                                        and (".attn.to_" in m or m.endswith("proj_mlp")))]  # fmt: skip
+    keep = [
+        m
+        for m in merged.modules
+        if m.startswith(blocks) and not (m.startswith(blocks[1]) and (".attn.to_" in m or m.endswith("proj_mlp")))
+    ]
     tensors = {m: merged.stored(m) for m in keep}
-    adapter = memory_adapter("convertible", {m: (a, b * merged.scale(m)) for m, (a, b) in tensors.items()},
-                             config={}, dtype=torch.float32)  # fmt: skip
+    adapter = memory_adapter(
+        "convertible", {m: (a, b * merged.scale(m)) for m, (a, b) in tensors.items()}, config={}, dtype=torch.float32
+    )
     adapter.format = "kohya"
     return adapter
 
@@ -187,9 +192,15 @@ def test_flux_global_modules_match_diffusers_converter(tmp_path):
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(1)
-    shapes = {"img_in": (16, 4), "txt_in": (16, 12), "final_layer_linear": (4, 16),
-              "final_layer_adaLN_modulation_1": (32, 16), "time_in_in_layer": (16, 8),
-              "guidance_in_out_layer": (16, 16), "vector_in_in_layer": (16, 10)}  # fmt: skip
+    shapes = {
+        "img_in": (16, 4),
+        "txt_in": (16, 12),
+        "final_layer_linear": (4, 16),
+        "final_layer_adaLN_modulation_1": (32, 16),
+        "time_in_in_layer": (16, 8),
+        "guidance_in_out_layer": (16, 16),
+        "vector_in_in_layer": (16, 10),
+    }
     state = {}
     for name, (rows, cols) in shapes.items():
         state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(2, cols, generator=generator)

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_updates_close, dense_updates, summed_updates
-from lora_files import FLUX_KOHYA, KOHYA_CANONICAL, SD15_KOHYA, SD_DIFFUSERS, SDXL_KOHYA, canonical, make_diffusers, make_kohya
+from lora_files import (
+    FLUX_KOHYA,
+    SD15_KOHYA,
+    SD_DIFFUSERS,
+    SDXL_KOHYA,
+    canonical,
+    make_diffusers,
+    make_kohya,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -34,7 +34,12 @@ def execute_merge(
 
         check_report_path(report, options.force)
     started = time.perf_counter()
-    adapters = [load(path) for path in inputs]
+    adapters = [load(path, convert_to_lora=options.convert_to_lora) for path in inputs]
+    if not quiet:
+        for adapter in adapters:  # LoHa / LoKr modules converted to LoRA: what the truncation kept
+            for module, energy in adapter.conversions.items():
+                print(f"{adapter.name}: {module}: converted to LoRA rank {adapter.modules[module].rank}, "
+                      f"kept energy {energy:.6f}")
     collector = None
     if report is not None:
         from .report import ReportCollector

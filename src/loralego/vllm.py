@@ -3,8 +3,8 @@
 The rules, from vLLM's documentation and its PEFT loading conventions (``LoRAConfig.max_lora_rank``, the
 PEFT helper's feature checks, the LoRA weight-name parser):
 
-- ``--max-lora-rank`` takes one of 8, 16, 32, 64, 128, 256, 320, 512 and must be at least the adapter's
-  rank; vLLM scales every module by one ``lora_alpha / r`` from the config and ignores ``rank_pattern`` /
+- ``--max-lora-rank`` takes one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's ``MaxLoRARanks``) and must
+  be at least the adapter's rank; vLLM scales every module by one ``lora_alpha / r`` from the config and ignores ``rank_pattern`` /
   ``alpha_pattern``. So the output has one rank ``r`` from that list for every module and ``lora_alpha = r``
   (scale 1, what a merge produces), with no per-module patterns.
 - no ``modules_to_save``, no DoRA, no LoRA bias (``bias: none``);

@@ -21,12 +21,18 @@ from typing import Any
 import torch
 
 from ..errors import LoraLegoError
-from . import hub
+from . import diffusers, hub, kohya
 from .base import Adapter
-from . import diffusers, kohya
 from .peft import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, load_peft, write_peft_folder
 from .safetensors_read import SafetensorsFile
-from .singlefile import SINGLE_FILE_LAYOUTS, SUFFIX, read_single_file, unwritable, write_single_file, write_text_atomically
+from .singlefile import (
+    SINGLE_FILE_LAYOUTS,
+    SUFFIX,
+    read_single_file,
+    unwritable,
+    write_single_file,
+    write_text_atomically,
+)
 
 FORMATS = ("peft", *SINGLE_FILE_LAYOUTS)
 SINGLE_FILE_FORMATS = SINGLE_FILE_LAYOUTS

@@ -31,17 +31,86 @@ from dataclasses import dataclass
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 
 # Parts of diffusers / transformers module paths that contain an underscore (kohya flattens them too).
-_COMPOUND_PARTS = (
-    "add_embedding add_k_proj add_q_proj add_v_proj context_embedder conv_in conv_out conv_shortcut down_blocks "
-    "ff_context guidance_embedder k_proj linear_1 linear_2 mid_block norm1_context norm_out out_proj proj_in "
-    "proj_mlp proj_out q_proj self_attn single_transformer_blocks text_embedder text_model text_projection "
-    "time_emb_proj time_embedding time_text_embed timestep_embedder to_add_out to_k to_out to_q to_v "
-    "transformer_blocks up_blocks v_proj x_embedder wi_0 wi_1"
-).split()
+_COMPOUND_PARTS = [
+    "add_embedding",
+    "add_k_proj",
+    "add_q_proj",
+    "add_v_proj",
+    "context_embedder",
+    "conv_in",
+    "conv_out",
+    "conv_shortcut",
+    "down_blocks",
+    "ff_context",
+    "guidance_embedder",
+    "k_proj",
+    "linear_1",
+    "linear_2",
+    "mid_block",
+    "norm1_context",
+    "norm_out",
+    "out_proj",
+    "proj_in",
+    "proj_mlp",
+    "proj_out",
+    "q_proj",
+    "self_attn",
+    "single_transformer_blocks",
+    "text_embedder",
+    "text_model",
+    "text_projection",
+    "time_emb_proj",
+    "time_embedding",
+    "time_text_embed",
+    "timestep_embedder",
+    "to_add_out",
+    "to_k",
+    "to_out",
+    "to_q",
+    "to_v",
+    "transformer_blocks",
+    "up_blocks",
+    "v_proj",
+    "x_embedder",
+    "wi_0",
+    "wi_1",
+]
 # Parts without an underscore.
 _SIMPLE_PARTS = set(
-    "DenseReluDense SelfAttention EncDecAttention attentions attn attn1 attn2 block conv conv1 conv2 downsamplers "
-    "encoder fc1 fc2 ff k layer layers linear mlp net norm norm1 o proj q resnets upsamplers v wi wo".split()
+    [
+        "DenseReluDense",
+        "SelfAttention",
+        "EncDecAttention",
+        "attentions",
+        "attn",
+        "attn1",
+        "attn2",
+        "block",
+        "conv",
+        "conv1",
+        "conv2",
+        "downsamplers",
+        "encoder",
+        "fc1",
+        "fc2",
+        "ff",
+        "k",
+        "layer",
+        "layers",
+        "linear",
+        "mlp",
+        "net",
+        "norm",
+        "norm1",
+        "o",
+        "proj",
+        "q",
+        "resnets",
+        "upsamplers",
+        "v",
+        "wi",
+        "wo",
+    ]
 )
 _COMPOUNDS = sorted((tuple(part.split("_")) for part in _COMPOUND_PARTS), key=len, reverse=True)
 
@@ -83,8 +152,12 @@ def unflatten(flat: str) -> str | None:
 # --- the sgm (LDM) UNet names of kohya SDXL files, layers_per_block = 2 ---
 
 _LAYERS_PER_BLOCK = 2
-_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
-               "skip_connection": "conv_shortcut"}  # fmt: skip
+_SGM_RESNET = {
+    "in_layers_2": "conv1",
+    "out_layers_3": "conv2",
+    "emb_layers_1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
 _SGM_FIXED = {
     "input_blocks_0_0": "conv_in",
     "out_2": "conv_out",
@@ -267,8 +340,18 @@ def _template_match(template: str, name: str) -> str | None:
 
 
 def is_flux_bfl(flat: str) -> bool:
-    return flat.startswith(("double_blocks_", "single_blocks_", "img_in", "txt_in", "time_in_", "vector_in_",
-                            "guidance_in_", "final_layer_"))  # fmt: skip
+    return flat.startswith(
+        (
+            "double_blocks_",
+            "single_blocks_",
+            "img_in",
+            "txt_in",
+            "time_in_",
+            "vector_in_",
+            "guidance_in_",
+            "final_layer_",
+        )
+    )
 
 
 def flux_from_bfl(flat: str) -> tuple[str, ...] | None:
@@ -329,10 +412,7 @@ def kohya_to_canonical(name: str) -> KohyaName:
             if paths is not None:
                 return KohyaName(paths, swapped=flat in FLUX_SWAPPED)
             break
-        if component == "unet" and is_sgm(flat):
-            path = sgm_to_diffusers(flat)
-        else:
-            path = unflatten(flat)
+        path = sgm_to_diffusers(flat) if component == "unet" and is_sgm(flat) else unflatten(flat)
         if path is not None:
             return KohyaName((f"{component}.{path}",))
         break

@@ -15,7 +15,15 @@ import torch
 from ..errors import LoraLegoError
 from ..finite import all_finite
 from .atomic import atomic_folder
-from .base import PEFT_ONLY_FEATURES, Adapter, ModuleInfo, check_factor_shapes, file_sha256, natural_key, unsupported_feature
+from .base import (
+    PEFT_ONLY_FEATURES,
+    Adapter,
+    ModuleInfo,
+    check_factor_shapes,
+    file_sha256,
+    natural_key,
+    unsupported_feature,
+)
 from .safetensors_read import FLOAT_DTYPES, SafetensorsFile
 from .safetensors_stream import SafetensorsStreamWriter
 
@@ -121,7 +129,6 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
-
 
 
 class _BinFile:

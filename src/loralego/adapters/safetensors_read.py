@@ -30,8 +30,14 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 FLOAT_DTYPES = frozenset(DTYPES.values())
 # Other dtypes a header may name (integer alphas, masks): read, but never as a factor.
-_OTHER_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}  # fmt: skip
+_OTHER_DTYPES = {
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _ALL_DTYPES = {**DTYPES, **_OTHER_DTYPES}
 
 # Only little-endian hosts can reinterpret the bytes in place (safetensors stores little-endian).

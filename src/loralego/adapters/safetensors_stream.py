@@ -19,7 +19,6 @@ import torch
 from .safetensors_read import DTYPE_NAMES
 
 
-
 class SafetensorsStreamWriter:
     """Append tensors one by one; ``close()`` produces ``path``. Use as a context manager."""
 

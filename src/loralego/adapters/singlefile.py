@@ -30,6 +30,7 @@ from .safetensors_stream import SafetensorsStreamWriter
 
 SUFFIX = ".safetensors"
 
+
 def alpha_tensor(alpha: float) -> torch.Tensor:
     """Alphas are written as float32 scalars whatever the weights' dtype: bfloat16 cannot hold e.g. 257."""
     return torch.tensor(float(alpha), dtype=torch.float32)
@@ -86,8 +87,6 @@ def write_text_atomically(out: Path, text: str, *, force: bool = False) -> Path:
     return out
 
 
-
-
 # --- the one reader of single-file LoRAs (kohya, LyCORIS, diffusers, ai-toolkit) ---
 
 # Tensor-name suffixes -> (slot, layout). Longest first: ".lora_linear_layer.down.weight" before ".down.weight".
@@ -128,10 +127,8 @@ def group_keys(path: Path, keys: list[str]) -> tuple[dict[str, StoredModule], se
                 f"{path}: tensor {key}: an old diffusers attention-processor LoRA (processor.to_q_lora.down, "
                 "diffusers before its PEFT integration); load it in diffusers and save it again with save_lora_weights"
             )
-        for suffix, slot, layout in _SLOTS:
-            if key.endswith(suffix) and len(key) > len(suffix):
-                break
-        else:
+        found = next((entry for entry in _SLOTS if key.endswith(entry[0]) and len(key) > len(entry[0])), None)
+        if found is None:
             feature = unsupported_feature(key)
             if feature is not None:
                 raise LoraLegoError(f"{path}: tensor {key}: {feature} is not supported (only LoRA, LoCon, LoHa, LoKr)")
@@ -141,6 +138,7 @@ def group_keys(path: Path, keys: list[str]) -> tuple[dict[str, StoredModule], se
                 f"{path}: tensor {key}: not a LoRA tensor (expected '<module>.lora_down.weight' / '.lora_up.weight' "
                 "/ '.alpha', or '<module>.lora_A.weight' / '.lora_B.weight')"
             )
+        suffix, slot, layout = found
         name = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
         module = modules.setdefault(name, StoredModule(name, {}))
         if slot in module.keys:
@@ -271,8 +269,9 @@ def read_single_file(
     stored_modules, layouts = group_keys(path, weights.keys)
     if not any(set(m.keys) - {"alpha"} for m in stored_modules.values()):
         raise LoraLegoError(f"{path}: holds no LoRA tensors")
-    if len(layouts - {"kohya"}) > 1 or (layouts - {"kohya"} and "kohya" in layouts and not _kohya_names_only(
-            stored_modules)):  # fmt: skip
+    if len(layouts - {"kohya"}) > 1 or (
+        layouts - {"kohya"} and "kohya" in layouts and not _kohya_names_only(stored_modules)
+    ):
         raise LoraLegoError(f"{path}: mixes LoRA tensor layouts ({', '.join(sorted(layouts))})")
     modules: dict[str, ModuleInfo] = {}
     sources: dict[str, tuple[StoredModule, Part, str]] = {}  # canonical -> (stored, part, kind)
@@ -306,8 +305,12 @@ def read_single_file(
             kind = "plain"
             if "mid" in keys:
                 mid_shape = weights.shapes[keys["mid"]]
-                if len(a_shape) != 4 or a_shape[2:] != (1, 1) or len(mid_shape) != 4 or mid_shape[:2] != (
-                        a_shape[0], a_shape[0]):  # fmt: skip
+                if (
+                    len(a_shape) != 4
+                    or a_shape[2:] != (1, 1)
+                    or len(mid_shape) != 4
+                    or mid_shape[:2] != (a_shape[0], a_shape[0])
+                ):
                     raise LoraLegoError(
                         f"{path}: module {stored.name}: lora_mid {list(mid_shape)} does not fit lora_down "
                         f"{list(a_shape)} (expected r x r x kh x kw after a r x in x 1 x 1 down)"
@@ -328,9 +331,12 @@ def read_single_file(
             if part.swapped and d_out % 2:
                 raise LoraLegoError(f"{path}: module {stored.name}: {d_out} rows cannot be its shift and scale halves")
             modules[module] = ModuleInfo(
-                module, rank=rank, alpha=float(alpha if alpha is not None else rank), a_shape=a_shape,
+                module,
+                rank=rank,
+                alpha=float(alpha if alpha is not None else rank),
+                a_shape=a_shape,
                 b_shape=(rows, *b_shape[1:]),
-            )  # fmt: skip
+            )
             sources[module] = (stored, part, kind)
             if kind == "converted":
                 converted[module] = (lora_a, lora_b)
@@ -388,8 +394,9 @@ def input_format(stored_modules: dict[str, StoredModule], layouts: set[str]) -> 
 SINGLE_FILE_LAYOUTS = ("kohya", "kohya-sgm", "diffusers")
 
 
-def stored_name(module: str, layout: str, *, te_prefix: str = "lora_te_",
-                up_attention_blocks: frozenset[int] = frozenset()) -> str | None:  # fmt: skip
+def stored_name(
+    module: str, layout: str, *, te_prefix: str = "lora_te_", up_attention_blocks: frozenset[int] = frozenset()
+) -> str | None:
     """A canonical module's stored name in ``layout`` (None: it has none there). Flux fused parts are named
     by :func:`names.flux_fused_of` and fused by the writer."""
     if layout == "diffusers":
@@ -433,9 +440,9 @@ def write_single_file(
     build one config for the whole file would otherwise give all modules the first module's ``alpha / r``,
     which is wrong as soon as ranks differ (e.g. an exact ``cat``). The diffusers layout carries ranks and
     alphas the way diffusers itself does, in metadata (``alpha_metadata(ranks, alphas)``, known at the end),
-    since diffusers' loaders pass ``.alpha`` tensors of PEFT-style files on to PEFT, which ignores them. kohya layouts fuse Flux's split projections back (downs
-    stacked, ups block-diagonal, scales folded into the ups, alpha = the fused rank), swap ``norm_out``'s
-    halves back, and name text encoders ``lora_te1_`` when the file also adapts a second text encoder or a
+    since diffusers' loaders pass ``.alpha`` tensors of PEFT-style files on to PEFT, which ignores them.
+    kohya layouts fuse Flux's split projections back (downs stacked, ups block-diagonal, scales folded into
+    the ups, alpha = the fused rank), swap ``norm_out``'s halves back, and name text encoders ``lora_te1_`` when the file also adapts a second text encoder or a
     Flux transformer (``lora_te_`` otherwise). The parts of a fused projection, the text encoders' modules and
     the upsamplers (whose sgm index depends on the other modules) are held until the end of the stream.
     """
