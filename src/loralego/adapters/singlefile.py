@@ -441,10 +441,11 @@ def write_single_file(
     which is wrong as soon as ranks differ (e.g. an exact ``cat``). The diffusers layout carries ranks and
     alphas the way diffusers itself does, in metadata (``alpha_metadata(ranks, alphas)``, known at the end),
     since diffusers' loaders pass ``.alpha`` tensors of PEFT-style files on to PEFT, which ignores them.
-    kohya layouts fuse Flux's split projections back (downs stacked, ups block-diagonal, scales folded into
-    the ups, alpha = the fused rank), swap ``norm_out``'s halves back, and name text encoders ``lora_te1_`` when the file also adapts a second text encoder or a
-    Flux transformer (``lora_te_`` otherwise). The parts of a fused projection, the text encoders' modules and
-    the upsamplers (whose sgm index depends on the other modules) are held until the end of the stream.
+    kohya layouts fuse Flux's split projections back (downs stacked, ups block-diagonal, scales folded into the ups,
+    alpha = the fused rank), swap ``norm_out``'s halves back, and name text encoders ``lora_te1_`` when the file
+    also adapts a second text encoder or a Flux transformer (``lora_te_`` otherwise). The parts of a fused
+    projection, the text encoders' modules and the upsamplers (whose sgm index depends on the other modules) are
+    held until the end of the stream.
     """
     out = Path(out)
     require_safetensors_path(out, layout)
