@@ -251,3 +251,18 @@ def test_vllm_target_serves_rank_one(mixed_adapters, tmp_path):
     loralego.merge_to_folder([loralego.load(p) for p in mixed_adapters], out, rank=1, n_init=1, target="vllm")
     assert check_vllm_folder(out) == 1
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 1
+
+
+def test_recipe_weight_overrides_per_input(tmp_path):
+    from lora_files import make_kohya
+
+    from loralego.recipe import load_recipe
+
+    paths = [make_kohya(tmp_path / f"{i}.safetensors", rank=2, alpha=2.0, seed=i) for i in (1, 2)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"inputs:\n  - path: {paths[0]}\n    weight_overrides: {{text_encoder: 0}}\n  - {paths[1]}\n"
+        "output: out.safetensors\nmethod: cat\n"
+    )
+    options = load_recipe(recipe).options
+    assert options.weight_overrides == [{"text_encoder": 0.0}, {}]
