@@ -50,36 +50,54 @@ def _one_line(error: BaseException) -> str:
 
 
 def parse_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
-    """``(entries, metadata, data start)`` of a safetensors file; any malformation is a ValueError."""
+    """``(entries, metadata, data start)`` of a safetensors file; any malformation is a ValueError worded as
+    the safetensors library words it (header too small / too large, invalid header length, invalid UTF-8 or
+    JSON in header, invalid shape, data type, or offset, file not fully covered)."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise ValueError("file shorter than its 8-byte header length")
+            raise ValueError("header too small")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_HEADER):
-            raise ValueError(f"header length {length} exceeds the file")
-        header = json.loads(handle.read(length))
+        if length > _MAX_HEADER:
+            raise ValueError(f"header too large ({length} bytes)")
+        if length > size - 8:
+            raise ValueError(f"invalid header length {length} (the file has {size} bytes)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("invalid UTF-8 in header") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"invalid JSON in header ({_one_line(error)})") from None
     if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
+        raise ValueError("invalid JSON in header (not an object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise ValueError("__metadata__ must map names to strings")
+        raise ValueError("invalid JSON in header (__metadata__ must map names to strings)")
     base = 8 + length
+    spans = []
     for key, entry in header.items():
+        bad = f"invalid shape, data type, or offset for tensor {key}"
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise ValueError(f"tensor {key}: malformed header entry")
+            raise ValueError(bad)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _ALL_DTYPES:
-            raise ValueError(f"tensor {key}: unknown dtype {dtype}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ValueError(f"tensor {key}: bad shape")
+        if dtype not in _ALL_DTYPES or not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(bad)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ValueError(f"tensor {key}: bad data_offsets")
+            raise ValueError(bad)
         start, end = offsets
         itemsize = torch.empty((), dtype=_ALL_DTYPES[dtype]).element_size()
-        if not 0 <= start <= end or base + end > size or end - start != math.prod(shape) * itemsize:
-            raise ValueError(f"tensor {key}: data_offsets do not match its shape or the file")
+        if not 0 <= start <= end or end - start != math.prod(shape) * itemsize:
+            raise ValueError(bad)
+        spans.append((start, end))
+    position = 0  # the tensors' bytes must tile the data section exactly: no gap, no overlap, nothing after
+    for start, end in sorted(spans):
+        if start != position:
+            raise ValueError("file not fully covered (tensor data overlaps or leaves gaps)")
+        position = end
+    if base + position != size:
+        raise ValueError(f"file not fully covered (tensor data ends at byte {base + position} of {size})")
     return header, metadata, base
 
 
