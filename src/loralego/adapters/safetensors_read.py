@@ -82,7 +82,8 @@ def parse_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise ValueError(bad)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _ALL_DTYPES or not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        good_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        if dtype not in _ALL_DTYPES or not good_shape:
             raise ValueError(bad)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise ValueError(bad)
