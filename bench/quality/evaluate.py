@@ -122,6 +122,7 @@ def plan(adapter_set: str) -> list[Run]:
                 )
             )
     runs += variant_runs(adapter_set, average)
+    runs += core_space_runs()
     if adapter_set == "hetero":
         # Pruning: the rank-16 chat_topic LoRA reduced to k = 4 and 8, scored on its own task.
         for method in ("lego", "svd"):
@@ -196,10 +197,47 @@ def variant_runs(adapter_set: str, average: list[float]) -> list[Run]:
     return runs
 
 
+# Issue 14: the 2025 methods in the core space, each at the authors' default scale, then a small grid around it.
+CORE_SPACE: dict[str, tuple[str, dict[str, Any], str | None, tuple[float, ...]]] = {
+    # run prefix: (method, fixed options, the scale parameter, its grid; the first value is the default)
+    "tsv": ("tsv", {}, "tsv_alpha", (1.0, 0.5, 1.5)),
+    "iso_c": ("iso_c", {}, "iso_alpha", (1.0, 0.5, 1.5)),
+    "iso_cts": ("iso_cts", {}, "iso_alpha", (1.0, 0.5, 1.5)),
+    "knots_ties": ("knots_ties", {}, "knots_ties_alpha", (0.5, 0.3, 1.0)),
+    "knots_dare": ("knots_dare", {}, "knots_dare_alpha", (0.4, 0.2, 0.8)),
+    "core_ties": ("ties", {"space": "core", "density": 0.1}, None, ()),
+    "core_dare_ties": ("dare_ties", {"space": "core", "density": 0.7}, None, ()),
+}
+STOCHASTIC = ("knots_dare", "core_dare_ties")
+
+
+def core_space_runs() -> list[Run]:
+    runs = []
+    for grid_pass in (False, True):
+        for k in (16, 8):
+            for prefix, (method, fixed, scale, grid) in CORE_SPACE.items():
+                values = grid[1:] if grid_pass else grid[:1] or (None,)
+                for value in values:
+                    seeds = SEEDS if prefix in STOCHASTIC else (None,)
+                    for seed in seeds:
+                        options: dict[str, Any] = {"method": method, "rank": k, **fixed}
+                        name = prefix + (f"_a{value}" if scale else "") + f"_k{k}"
+                        if scale is not None:
+                            options[scale] = value
+                        if seed is not None:
+                            options["seed"] = seed
+                            name += f"_s{seed}"
+                        meta = {"k": k, "seed": seed or 0, "alpha": value, "grid": grid_pass, "core": True}
+                        runs.append(Run(name, prefix, options, meta=meta))
+    return runs
+
+
 def _priority(item: Run) -> int:
     """0: one run of every method at k = r; 1: its other seeds and lego at larger k; 2: the rest; 3: ablations;
     4: the issue-8 variants."""
     seed, k = item.meta.get("seed", 0), item.meta.get("k", 8)
+    if item.meta.get("core"):
+        return 5 if item.meta["grid"] or seed else 4
     if item.group.startswith("v_") or item.group in ("svd_avg", "cat_scale"):
         return 4
     if item.group.startswith("lego_") or item.group.endswith("_avg"):

@@ -50,7 +50,7 @@ def get_method(name: str) -> MergeMethod:
 
 
 # Importing the method modules registers them.
-from . import cat, elementwise, lego, linear, svd, task_arithmetic  # noqa: E402, F401
+from . import cat, elementwise, knots, lego, linear, spectral, svd, task_arithmetic  # noqa: E402, F401
 
 __all__ = [
     "METHODS",

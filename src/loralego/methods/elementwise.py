@@ -7,6 +7,11 @@ updates (``taskmath``), applied in one of two spaces, chosen with the ``space`` 
   ``dare_linear_svd``, ``dare_ties_svd`` and ``magnitude_prune_svd``.
 - ``factors``: the combination runs on the A factors, then on the B factors, separately (PEFT's plain
   ``ties``, ``dare_*`` and ``magnitude_prune``). Only defined for inputs of one rank; the output keeps it.
+- ``core``: the combination runs on each input's ``N x N`` core in the shared singular bases of the stacked
+  factors (``corespace``; Core Space merging, Panariello et al. 2025, ``get_core_matrices`` and
+  ``_merge_tensors`` in apanariello4/core-space-merging ``task_merger.py``), the result maps back exactly and
+  is cut to rank k by the SVD of the small merged core. Any ranks, thin-factor cost; the kept energy is in the
+  module's details.
 
 The factors arrive folded (``sqrt(|w| * scale)`` on each side, the sign of w on A), exactly the per-factor
 weights PEFT applies in its factor-wise merges, so no further weighting happens here.
@@ -21,19 +26,21 @@ import torch
 from pydantic import Field, field_validator
 
 from .. import taskmath
+from ..corespace import core_space, truncate_core
 from ..densesvd import truncate_dense
 from ..errors import LoraLegoError
 from . import register
-from .base import MethodParams, ModuleJob, ModuleResult, RankRequest, check_fraction
+from .base import MethodParams, ModuleJob, ModuleResult, RankRequest, check_fraction, thin_rank
 
 
 class PruneParams(MethodParams):
     density: float = Field(0.2, description="fraction of entries kept")
-    space: Literal["dense", "factors"] = Field(
+    space: Literal["dense", "factors", "core"] = Field(
         "dense",
         description="where the combination works: dense = on each module's full update, then the best rank-k "
         "approximation (any ranks; PEFT's *_svd); factors = on A and B separately (PEFT's plain variants; "
-        "equal ranks only, output rank = input rank)",
+        "equal ranks only, output rank = input rank); core = on each input's small core matrix in the shared "
+        "singular bases of the stacked factors (Core Space merging), then the exact rank-k truncation",
     )
 
     _density = field_validator("density")(check_fraction)
@@ -50,6 +57,8 @@ def _output_rank(params: PruneParams, request: RankRequest) -> int:
     if params.space == "dense":
         cap = min(request.d_out, request.d_in)
         return max(1, min(request.rank if request.rank is not None else cap, cap))
+    if params.space == "core":
+        return thin_rank(params, request)
     ranks = sorted(set(request.source_ranks))
     if len(ranks) > 1:
         raise LoraLegoError(
@@ -77,6 +86,10 @@ def merge_task_tensors(job: ModuleJob, combine: Combine) -> ModuleResult:
         lora_a = combine((a for a, _ in job.factors), job.params, generator)
         lora_b = combine((b for _, b in job.factors), job.params, generator)
         return ModuleResult(lora_a.contiguous(), lora_b.contiguous(), {"space": "factors"})
+    if job.params.space == "core":
+        space = core_space(job.factors)
+        cut = truncate_core(space, combine(space.cores, job.params, generator), job.rank)
+        return ModuleResult(cut.lora_a, cut.lora_b, {"space": "core", "kept_energy": cut.kept_energy})
     updates = (lora_b @ lora_a for lora_a, lora_b in job.factors)  # lazy: one dense update alive at a time
     lora_a, lora_b = truncate_dense(combine(updates, job.params, generator), job.rank)
     return ModuleResult(lora_a, lora_b, {"space": "dense"})
