@@ -42,12 +42,22 @@ def save_base(folder: Path) -> Path:
 
 
 def save_encoder(folder: Path) -> Path:
+    """A tiny BERT whose word embeddings put the p-words near one direction and the q-words near another: the
+    routing set is separable by construction, so the test checks the router, not a random encoder's luck."""
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=64)
     torch.manual_seed(0)
-    BertModel(config).eval().save_pretrained(folder)
+    model = BertModel(config).eval()
+    vocab = word_tokenizer().get_vocab()
+    directions = torch.randn(2, 32)
+    with torch.no_grad():
+        table = model.embeddings.word_embeddings.weight
+        for token, index in vocab.items():
+            if token[0] in "pq" and token[1:].isdigit():
+                table[index] = directions["pq".index(token[0])] + 0.3 * torch.randn(32)
+    model.save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
 
@@ -64,7 +74,9 @@ def solver_examples(n: int, seed: int, task: str | None = "solver") -> list[Exam
 
 def other_examples(n: int, seed: int) -> list[Example]:
     rng = random.Random(seed)
-    return [Example(f"q{rng.randrange(10)} q{rng.randrange(10)} ->", f" c{rng.randrange(5)}", "noise") for _ in range(n)]
+    return [
+        Example(f"q{rng.randrange(10)} q{rng.randrange(10)} ->", f" c{rng.randrange(5)}", "noise") for _ in range(n)
+    ]
 
 
 def write_jsonl(path: Path, examples: list[Example]) -> Path:
