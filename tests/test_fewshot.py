@@ -137,7 +137,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(toy, tmp_path, capsys
     out = tmp_path / "never"
     cases = [
         (["--base-model", str(tmp_path / "missing")], "not a folder"),
-        (["--base-model", str(toy["base"]), "--weights", "1", "1"], "unrecognized"),
+        (["--base-model", str(toy["base"]), "--weights", "1", "1"], "learns the weights"),
+        (["--base-model", str(toy["base"]), "--density", "0.3"], "density"),  # cat takes no density
         (["--base-model", str(toy["base"]), "--strategy", "search", "--granularity", "layer"], "gradient"),
         (["--base-model", str(toy["base"]), "--holdout", "1.5"], "--holdout"),
     ]

@@ -16,10 +16,6 @@ from typing import Any
 from .errors import LoraLegoError, one_line
 from .progress import Progress
 
-# Merge options tune passes on to the pipeline (its weights are learned, so --weights is not among them).
-TUNE_MERGE_FIELDS = ("method", "rank", "rank_overrides", "energy", "seed", "density", "majority_sign", "space",
-                     "n_init", "max_iter", "dtype", "format", "target", "force")
-
 
 class StepProgress(Progress):
     """The merge progress bar, counting search evaluations or gradient steps instead of modules."""
@@ -65,9 +61,10 @@ def add_parsers(commands: Any, adapter_help: str, add_option_flags: Any) -> None
     tune.add_argument("--l1", type=float, default=0.05, help="L1 penalty on the weights (default: 0.05)")
     tune.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: 16)")
     tune.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes")
-    tune.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
     tune.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
-    add_option_flags(tune, TUNE_MERGE_FIELDS)
+    # The merge's own flags (--method, --rank, the method's parameters, --seed, --device...); tune's defaults:
+    # method cat and dtype float32. --weights is refused: tune learns them.
+    add_option_flags(tune)
 
     route = commands.add_parser("route", help="build a router (a prototype embedding per adapter) from examples")
     route.add_argument("adapters", nargs="+", metavar="ADAPTER", help=adapter_help)
@@ -89,18 +86,23 @@ def run_tune(args: argparse.Namespace, argv: Sequence[str]) -> None:
     examples = read_examples(args.examples)
     adapters = [load(path) for path in args.adapters]
     check_tasks(examples, [a.name for a in adapters], required=False, source=args.examples)
-    merge_options = {name: getattr(args, name) for name in TUNE_MERGE_FIELDS if getattr(args, name, None) is not None}
+    from .cli import options_from_args
+
+    # tune's own defaults: cat (the learned ensemble, exactly) in float32
+    args.method = "cat" if args.method is None else args.method
+    args.dtype = "float32" if args.dtype is None else args.dtype
+    options = options_from_args(args)
     settings = TuneSettings(
         strategy=args.strategy, granularity=args.granularity, init_weight=args.init_weight, holdout=args.holdout,
-        seed=merge_options.get("seed", 0), budget=args.budget, sigma=args.sigma, steps=args.steps, lr=args.lr,
+        seed=options.seed, budget=args.budget, sigma=args.sigma, steps=args.steps, lr=args.lr,
         eval_every=args.eval_every, l1=args.l1, batch_size=args.batch_size, bf16=args.bf16,
     )
     total = args.budget if args.strategy == "search" else args.steps
     progress = None if args.quiet else StepProgress(total, "evaluations" if args.strategy == "search" else "steps")
     try:
         result = tune_to_folder(
-            args.base_model, adapters, examples, args.out, settings, merge_options=merge_options,
-            device=args.device, progress=progress.step if progress else None,
+            args.base_model, adapters, examples, args.out, settings, options,
+            progress=progress.step if progress else None,
             command=shlex.join(["loralego", *argv]),
         )
     finally:

@@ -35,6 +35,7 @@ from .causal_lm import Encoded, batches, encode, example_losses, mean_loss
 from .errors import LoraLegoError
 from .examples import Example, split_holdout
 from .moduleweights import with_module_weights
+from .options import MergeOptions
 from .search import Candidate, cma_es
 
 Strategy = Literal["search", "gradient"]
@@ -381,40 +382,44 @@ def tune_to_folder(
     examples: Sequence[Example],
     out: str | Path,
     settings: TuneSettings,
+    options: MergeOptions | None = None,
     *,
-    merge_options: dict[str, Any] | None = None,
-    device: str = "auto",
     progress: Callable[[int, int, str], None] | None = None,
     command: str | None = None,
+    **overrides: Any,
 ) -> TuneResult:
-    """Learn the weights, merge with them through the ordinary pipeline, write ``out`` with ``tune.json``."""
+    """Learn the weights, merge with them through the ordinary pipeline, write ``out`` with ``tune.json``.
+
+    ``options`` / ``overrides`` are the merge's (as :func:`loralego.merge`; default method ``cat`` and dtype
+    float32, so the learned combination is written exactly); ``device`` there is also where the model runs.
+    """
     from .causal_lm import load_causal_lm
     from .options import make_options
-    from .pipeline import merge, merge_to_folder, plan_merge
+    from .pipeline import merge, merge_to_folder
+    from .plan import plan_merge
 
-    options = dict(merge_options or {})
-    if "weights" in options:
+    if options is None:
+        overrides = {"method": "cat", "dtype": "float32", **overrides}
+    options = make_options(options, **overrides)
+    if options.weights is not None:
         raise LoraLegoError("tune learns the weights; do not pass --weights")
-    options.setdefault("method", "cat")
-    options.setdefault("dtype", "float32")  # the learned combination exactly, not rounded to the inputs' dtype
     # Refuse what the merge would refuse (options, incompatible adapters) before any model is loaded.
-    plan_merge(list(adapters), make_options(None, weights=[1.0] * len(adapters), **options))
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                ("cpu" if device == "auto" else device))
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
+    plan_merge(list(adapters), make_options(options, weights=[1.0] * len(adapters)))
+    if options.device == "cuda" and not torch.cuda.is_available():
         raise LoraLegoError("--device cuda: no CUDA device is available")
+    use_cuda = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
     out = Path(out)
-    if out.exists() and not options.get("force"):
+    if out.exists() and not options.force:
         raise LoraLegoError(f"{out}: already exists (use --force to overwrite)")
-    model, tokenizer = load_causal_lm(base_model, torch_device)
+    model, tokenizer = load_causal_lm(base_model, torch.device("cuda" if use_cuda else "cpu"))
     started = time.perf_counter()
     result, groups = tune_weights(model, tokenizer, adapters, examples, settings, progress)
     inputs, weights = tuned_inputs(adapters, result, groups)
     # Measure what will be written (the merge is deterministic), then write it once, atomically, with its record.
-    merged = merge(inputs, weights=weights, **options)
+    merged = merge(inputs, options, weights=weights)
     result.written_loss = written_losses(model, tokenizer, merged, examples, settings)
-    record = result.record(settings, options["method"])
+    record = result.record(settings, options.method)
     text = json.dumps(record, indent=1, sort_keys=True) + "\n"
-    merge_to_folder(inputs, out, command=command, extra_files={TUNE_FILE: text}, weights=weights, **options)
+    merge_to_folder(inputs, out, options, command=command, extra_files={TUNE_FILE: text}, weights=weights)
     result.seconds = time.perf_counter() - started
     return result
