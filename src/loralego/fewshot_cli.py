@@ -54,7 +54,8 @@ def add_parsers(commands: Any, adapter_help: str, add_option_flags: Any) -> None
     tune.add_argument("--init-weight", type=float, default=None, help="starting weight of every adapter "
                       "(default: 1/n, the average ensemble)")
     tune.add_argument("--budget", type=int, default=40, help="search: loss evaluations (default: 40)")
-    tune.add_argument("--sigma", type=float, default=0.2, help="search: CMA-ES initial step size (default: 0.2)")
+    tune.add_argument("--sigma", type=float, default=None, help="search: CMA-ES initial step size (default: half "
+                      "the starting weight)")
     tune.add_argument("--steps", type=int, default=50, help="gradient: Adam steps (default: 50)")
     tune.add_argument("--lr", type=float, default=0.01, help="gradient: learning rate (default: 0.01)")
     tune.add_argument("--eval-every", type=int, default=5, help="gradient: held-out check interval (default: 5)")
