@@ -59,13 +59,11 @@ def draw(n: int, seed: int) -> list[Example]:
 
 
 def plan() -> list[tuple[str, dict[str, Any]]]:
-    """Seed 0 of everything first, then the other seeds (search and routing before gradient), so a partial run
-    already covers every kind and size."""
-    runs = []
-    for seed in SEEDS:
-        kinds = ("search", "route", "gradient") if seed == 0 else ("search", "route")
-        runs += [_run(kind, n, seed) for n in SIZES for kind in kinds]
-    runs += [_run("gradient", n, seed) for seed in SEEDS[1:] for n in SIZES]
+    """Seed 0 of everything first, then the cheap routers of the other seeds, then the other seeds' tuned merges
+    (search before gradient), so a partial run already covers every kind and size."""
+    runs = [_run(kind, n, 0) for n in SIZES for kind in ("search", "route", "gradient")]
+    runs += [_run("route", n, seed) for seed in SEEDS[1:] for n in SIZES]
+    runs += [_run(kind, n, seed) for kind in ("search", "gradient") for n in SIZES for seed in SEEDS[1:]]
     return runs
 
 
@@ -154,6 +152,7 @@ def run(only: list[str] | None, batch_size: int) -> None:
             rows = result.weights
             entry.update(
                 loss_before=result.loss_before, loss_after=result.loss_after, chosen_at=result.chosen_at,
+                history=result.history,
                 weights=dict(zip(result.adapters, [sum(r[j] for r in rows) / len(rows) for j in
                                                    range(len(result.adapters))], strict=True)),
             )
@@ -190,35 +189,50 @@ def table() -> str:
             return f"{values[0]:.3f} (1 seed)"
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)} seeds)"
 
-    lines = ["| run | examples / task | ID norm | OOD acc | mixed overall (seed 0) | tune s | score s |",
-             "|---|---|---|---|---|---|---|"]
-    for kind in ("search", "gradient"):
-        for n in SIZES:
-            found = [runs[f"tune_{kind}_cat_n{n}_s{s}"] for s in SEEDS if f"tune_{kind}_cat_n{n}_s{s}" in runs]
-            norms = [_norm(r["scores"], singles) for r in found]
-            mixed = [r["mixed"]["overall"] for r in found if r.get("mixed")]
-            tune_s = [r["tune_seconds"] for r in found]
-            score_s = [r["score_seconds"] for r in found]
-            lines.append(
-                f"| tune {kind} + cat | {n} | {stat([a for a, _ in norms])} | {stat([b for _, b in norms])} | "
-                f"{f'{mixed[0]:.3f}' if mixed else 'not run'} | "
-                f"{f'{statistics.mean(tune_s):.0f}' if tune_s else '-'} | "
-                f"{f'{statistics.mean(score_s):.0f}' if score_s else '-'} |"
-            )
+    lines = ["| run | examples / task | ID norm | OOD acc | mixed overall (seed 0) | mixed ID norm (seed 0) | "
+             "held-out loss before -> after | tune s | score s |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [(f"tune {kind} + cat", n, [f"tune_{kind}_cat_n{n}_s{s}" for s in SEEDS])
+            for kind in ("search", "gradient") for n in SIZES]
+    rows.append(("tune search + cat, first step 0.2 (first try)", 5, ["first_search_sigma0.2_n5_s0"]))
+    for label, n, names in rows:
+        found = [runs[name] for name in names if name in runs]
+        norms = [_norm(r["scores"], singles) for r in found]
+        mixed = [r["mixed"] for r in found if r.get("mixed")]
+        mixed_cells = (f"{mixed[0]['overall']:.3f} | {_norm(mixed[0], singles)[0]:.3f}" if mixed
+                       else "not run | not run")
+        losses = [(r["loss_before"]["heldout"], r["loss_after"]["heldout"]) for r in found]
+        loss_cell = (f"{statistics.mean(b for b, _ in losses):.3f} -> {statistics.mean(a for _, a in losses):.3f}"
+                     if losses else "-")
+        tune_s = f"{statistics.mean(r['tune_seconds'] for r in found):.0f}" if found else "-"
+        score_s = f"{statistics.mean(r['score_seconds'] for r in found):.0f}" if found else "-"
+        lines.append(f"| {label} | {n} | {stat([a for a, _ in norms])} | {stat([b for _, b in norms])} | "
+                     f"{mixed_cells} | {loss_cell} | {tune_s} | {score_s} |")
     for name, label in (("linear", "linear w = 1/7 (best data-free)"), ("cat", "cat w = 1/7 (data-free)")):
         run_ = base["runs"][name]
         id_norm, ood = _norm(run_["scores"], singles)
-        lines.append(f"| {label} | 0 | {id_norm:.3f} | {ood:.3f} | {run_['mixed']['overall']:.3f} | 0 | - |")
-    lines.append("| task LoRAs, each on its own task (upper bound) | - | 1.000 | - | - | - | - |")
+        mixed_norm = _norm(run_["mixed"], singles)[0]
+        lines.append(f"| {label} | 0 | {id_norm:.3f} | {ood:.3f} | {run_['mixed']['overall']:.3f} | "
+                     f"{mixed_norm:.3f} | - | 0 | - |")
+    lines.append("| task LoRAs, each on its own task (upper bound) | - | 1.000 | - | - | - | - | - | - |")
     lines += ["", "| router | examples / task | top-1 retrieval accuracy (in-domain test prompts) | "
-              "mixed overall, top-1 served (seed 0) | mixed macro (seed 0) |", "|---|---|---|---|---|"]
+              "mixed overall, top-1 served (seed 0) | mixed ID norm | mixed OOD acc | build s | score s |",
+              "|---|---|---|---|---|---|---|---|"]
     for n in SIZES:
         found = [runs[f"route_n{n}_s{s}"] for s in SEEDS if f"route_n{n}_s{s}" in runs]
-        mixed = [r["mixed"] for r in found if r.get("mixed")]
-        overall = f"{mixed[0]['overall']:.3f}" if mixed else "not run"
-        macro = f"{mixed[0]['macro']:.3f}" if mixed else "not run"
-        lines.append(f"| MiniLM prototypes | {n} | {stat([r['retrieval_accuracy'] for r in found])} | {overall} | "
-                     f"{macro} |")
+        mixed = [r for r in found if r.get("mixed")]
+        if mixed:
+            id_norm, ood = _norm(mixed[0]["mixed"], singles)
+            cells = f"{mixed[0]['mixed']['overall']:.3f} | {id_norm:.3f} | {ood:.3f}"
+            score_s = f"{mixed[0]['score_seconds']:.0f}"
+        else:
+            cells, score_s = "not run | - | -", "-"
+        build = f"{statistics.mean(r['build_seconds'] for r in found):.1f}" if found else "-"
+        lines.append(f"| MiniLM prototypes | {n} | {stat([r['retrieval_accuracy'] for r in found])} | {cells} | "
+                     f"{build} | {score_s} |")
+    linear = base["runs"]["linear"]["mixed"]
+    id_norm, ood = _norm(linear, singles)
+    lines.append(f"| (no router) linear w = 1/7, one merged adapter | 0 | - | {linear['overall']:.3f} | "
+                 f"{id_norm:.3f} | {ood:.3f} | - | - |")
     return "\n".join(lines) + "\n"
 
 
