@@ -108,7 +108,7 @@ def run(only: list[str] | None, batch_size: int) -> None:
     from tasks import load_tasks
 
     from loralego.routing import build_router, retrieval_accuracy
-    from loralego.tuning import TuneSettings, tune_weights, tuned_inputs
+    from loralego.tuning import TuneSettings, tune_weights, tuned_options
 
     torch.set_num_threads(int(os.environ.get("EVAL_THREADS", "1")))
     results = load()
@@ -147,8 +147,8 @@ def run(only: list[str] | None, batch_size: int) -> None:
             t0 = time.perf_counter()
             result, groups = tune_weights(tuner, tokenizer, adapters, examples, settings)
             entry["tune_seconds"] = round(time.perf_counter() - t0, 1)
-            inputs, weights = tuned_inputs(adapters, result, groups)
-            merged = loralego.merge(inputs, method="cat", weights=weights, dtype="float32", device="cpu")
+            learned = tuned_options(adapters, result, groups)
+            merged = loralego.merge(adapters, method="cat", dtype="float32", device="cpu", **learned)
             rows = result.weights
             entry.update(
                 loss_before=result.loss_before, loss_after=result.loss_after, chosen_at=result.chosen_at,

@@ -34,7 +34,6 @@ from .adapters import Adapter, natural_key
 from .causal_lm import Encoded, batches, encode, example_losses, mean_loss
 from .errors import LoraLegoError
 from .examples import Example, split_holdout
-from .moduleweights import with_module_weights
 from .options import MergeOptions
 from .search import Candidate, cma_es
 
@@ -354,19 +353,20 @@ def _gradient(model: Any, data: _Data, holder: dict[str, torch.Tensor], settings
     return best_table, settings.steps, chosen, history
 
 
-def tuned_inputs(
+def tuned_options(
     adapters: Sequence[Adapter], result: TuneResult, groups: dict[str, int]
-) -> tuple[list[Adapter], list[float]]:
-    """The merge pipeline's inputs and weights for the learned combination: per-adapter weights are passed as
-    the pipeline's weights; finer ones are folded into each adapter's factors (:mod:`loralego.moduleweights`)."""
+) -> dict[str, Any]:
+    """The merge options that give the learned combination: per-adapter weights as ``weights``; finer ones as
+    ``weight_overrides``, one pattern per module, its escaped full name (a full name matches itself over its
+    whole length, so it is always the most specific pattern for its module)."""
     if result.granularity == "adapter":
-        return list(adapters), list(result.weights[0])
+        return {"weights": list(result.weights[0])}
     per_adapter = result.module_weights(groups)
-    views = [
-        with_module_weights(a, {m: w for m, w in table.items() if m in a.modules})
+    overrides = [
+        {re.escape(m): w for m, w in table.items() if m in a.modules}
         for a, table in zip(adapters, per_adapter, strict=True)
     ]
-    return views, [1.0] * len(adapters)
+    return {"weights": [1.0] * len(adapters), "weight_overrides": overrides}
 
 
 def written_losses(model: Any, tokenizer: Any, merged: Adapter, examples: Sequence[Example],
@@ -404,8 +404,8 @@ def tune_to_folder(
     if options is None:
         overrides = {"method": "cat", "dtype": "float32", **overrides}
     options = make_options(options, **overrides)
-    if options.weights is not None:
-        raise LoraLegoError("tune learns the weights; do not pass --weights")
+    if options.weights is not None or options.weight_overrides:
+        raise LoraLegoError("tune learns the weights; do not pass --weights or --weight-override")
     # Refuse what the merge would refuse (options, incompatible adapters) before any model is loaded.
     plan_merge(list(adapters), make_options(options, weights=[1.0] * len(adapters)))
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -417,12 +417,12 @@ def tune_to_folder(
     model, tokenizer = load_causal_lm(base_model, torch.device("cuda" if use_cuda else "cpu"))
     started = time.perf_counter()
     result, groups = tune_weights(model, tokenizer, adapters, examples, settings, progress)
-    inputs, weights = tuned_inputs(adapters, result, groups)
+    learned = tuned_options(adapters, result, groups)
     # Measure what will be written (the merge is deterministic), then write it once, atomically, with its record.
-    merged = merge(inputs, options, weights=weights)
+    merged = merge(list(adapters), options, **learned)
     result.written_loss = written_losses(model, tokenizer, merged, examples, settings)
     record = result.record(settings, options.method)
     text = json.dumps(record, indent=1, sort_keys=True) + "\n"
-    merge_to_folder(inputs, out, options, command=command, extra_files={TUNE_FILE: text}, weights=weights)
+    merge_to_folder(list(adapters), out, options, command=command, extra_files={TUNE_FILE: text}, **learned)
     result.seconds = time.perf_counter() - started
     return result
