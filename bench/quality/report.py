@@ -396,9 +396,29 @@ def main() -> None:
     fidelity_path = HERE / "results" / "fidelity.json"
     if fidelity_path.exists():
         parts.append(fidelity_section(json.loads(fidelity_path.read_text())))
+    if (HERE / "results" / "fewshot-uniform.json").exists():  # issue 18, bench/quality/fewshot_eval.py
+        from fewshot_eval import table
+
+        parts.append(FEWSHOT_HEADER)
+        parts.append(table())
+        notes = HERE / "fewshot_findings.md"
+        if notes.exists():
+            parts.append(notes.read_text())
     out = DOCS / "results.md"
     out.write_text("\n".join(parts))
     print(f"wrote {out}")
+
+
+FEWSHOT_HEADER = """## Few-shot: tuned merges and routing (issue 18; CPU)
+
+`python bench/quality/fewshot_eval.py run` (resumable; `results/fewshot-uniform.json`), on the uniform set.
+Examples per task are drawn from the training splits (plural and comparative have 19 training examples, so
+"20" is 19 there), seeded per draw; tuning holds out 20% of them to pick the stopping point. Tuned runs use
+`loralego tune`'s library functions with bf16 autocast and write `cat` at the learned weights (float32). The
+data-free rows and the task LoRAs come from `results/uniform.json` (same scorer, same machine kind). *tune s*:
+wall time of learning the weights, on the shared 2-core box at 1 thread (upper bounds). Cells say how many
+draws were run; "not run" ones were not, for time.
+"""
 
 
 VARIANTS_HEADER = """## Rank-wise variants (issue 8), scored on the device machine

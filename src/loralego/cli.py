@@ -19,6 +19,8 @@ from . import __version__
 from .adapters import load
 from .diagnostics import format_report, verify, write_json
 from .errors import LoraLegoError, one_line
+from .fewshot_cli import add_parsers as add_fewshot_parsers
+from .fewshot_cli import run_route, run_tune
 from .methods import METHODS, get_method
 from .options import COMMON_OPTIONS, MergeOptions, make_options
 from .pipeline import write_merged
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", metavar="FILE", help="also write every module's figures as JSON")
     verify.add_argument("--top", type=int, default=10, help="modules shown, worst first; 0: all (default: 10)")
+    add_fewshot_parsers(commands, _ADAPTER_HELP, add_option_flags)
     return parser
 
 
@@ -309,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_recipe(args, argv)
         elif args.command == "report":
             run_report(args, argv)
+        elif args.command == "tune":
+            run_tune(args, argv)
+        elif args.command == "route":
+            run_route(args)
         elif args.command == "inspect":
             _print_inspect(args.adapters, args.json)
         elif args.command == "methods":
