@@ -13,11 +13,12 @@ from typing import Any
 from . import __version__
 from .adapters import load
 from .commands import execute_merge
-from .diagnostics import format_report, verify, write_json
+from .diagnostics import check_json_path, format_report, verify, write_json
 from .errors import LoraLegoError, one_line
 from .methods import METHODS
 from .options import MergeOptions, make_options
 from .recipe import load_recipe
+from .safeio import Terminated
 
 _ADAPTER_HELP = (
     "a PEFT adapter folder, a kohya or diffusers .safetensors LoRA file, or a Hugging Face model id already "
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one weight per input (default: the ones the merge recorded for these inputs, else 1)",
     )
     verify.add_argument("--json", metavar="FILE", help="also write every module's figures as JSON")
+    verify.add_argument("--force", action="store_true", help="replace an existing JSON file")
     verify.add_argument("--top", type=int, default=10, help="modules shown, worst first; 0: all (default: 10)")
     return parser
 
@@ -171,16 +173,18 @@ def run_report(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from .report import report_existing  # matplotlib and friends only when a report is asked for
 
     report_existing(args.merged, args.adapters, args.out, command=shlex.join(["loralego", *argv]), force=args.force)
-    print(f"report: {args.out}")
+    print(f"report: {one_line(str(args.out))}")
 
 
 def run_verify(args: argparse.Namespace) -> None:
     merged = load(args.merged)
     adapters = [load(path) for path in args.adapters]
+    if args.json:  # refuse before the work: the JSON may not land on the merged adapter or an input
+        check_json_path(args.json, [a.path for a in (merged, *adapters) if a.path is not None], args.force)
     report = verify(merged, adapters, args.weights)
     print(format_report(report, args.top))
     if args.json:
-        write_json(report, args.json, merged, adapters)
+        write_json(report, args.json, merged, adapters, force=args.force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"loralego: error: {one_line(str(error))}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("loralego: terminated; nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("loralego: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .adapters import load
 from .adapters.peft import CONFIG_NAME
+from .errors import one_line
 from .options import MergeOptions
 from .pipeline import MergePlan, merge_to_folder
 from .progress import Progress, peak_rss_mb
@@ -35,6 +36,8 @@ def execute_merge(
         check_report_path(report, options.force)
     started = time.perf_counter()
     adapters = [load(path) for path in inputs]
+    if report is not None:  # the report may not land on an input (or its weights) nor on the output
+        check_report_path(report, options.force, [a.path for a in adapters if a.path is not None], out)
     collector = None
     if report is not None:
         from .report import ReportCollector
@@ -57,7 +60,7 @@ def execute_merge(
             progress.close()
     seconds = time.perf_counter() - start
     for warning in plan.warnings:
-        print(f"loralego: warning: {warning}", file=sys.stderr)
+        print(f"loralego: warning: {one_line(warning)}", file=sys.stderr)
     if collector is not None and report is not None:
         from .report import write_merge_report
 
@@ -74,12 +77,12 @@ def execute_merge(
     if not quiet:
         rank = plan.rank if plan.rank is not None else "exact"
         print(
-            f"merged {len(adapters)} adapters with {plan.method.name} (rank {rank}) into {out}: "
+            f"merged {len(adapters)} adapters with {plan.method.name} (rank {rank}) into {one_line(str(out))}: "
             f"{len(plan.modules)} modules in {time.perf_counter() - started:.2f} s (reading included), "
             f"peak memory {peak_rss_mb():.0f} MB"
         )
         if report is not None:
-            print(f"report: {report}")
+            print(f"report: {one_line(str(report))}")
     if plan.options.target == "vllm" and not quiet:
         served = json.loads((Path(out) / CONFIG_NAME).read_text(encoding="utf-8"))["r"]
         padded = "" if plan.rank in (None, served) else f" (rank {plan.rank} padded with zero units to {served})"

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .errors import LoraLegoError
+from .overrides import MAX_RANK
+
+# Upper limits of user-given counts: far above any useful value, low enough that a typo cannot make a merge
+# run for days (--n-init 1000000000) or write an absurd config (--rank 1000000000).
+_COUNT_LIMITS = {"n_init": 1000, "max_iter": 100_000}
+MAX_INPUTS = 100_000
+_COUNTS = ("rank", "n_init", "max_iter", "seed")
+_NUMBERS = ("energy", "r_ref", "density")
 
 
 class MergeOptions(BaseModel):
@@ -101,11 +109,41 @@ class MergeOptions(BaseModel):
         "for all modules (smaller ones padded with zero units), alpha = r, checked before writing",
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_kinds(cls, value: object, info: ValidationInfo) -> object:
+        """Values from files and recipes keep their kind: a switch is true/false (not "false", not 1), a
+        count is an integer (not true, not "4"), a number is a number (not "0.3")."""
+        field = cls.model_fields[info.field_name]
+        if value is None:
+            return value
+        if field.annotation is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {value!r}")
+        elif info.field_name in _COUNTS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"must be an integer, got {value!r}")
+        elif info.field_name in _NUMBERS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"must be a number, got {value!r}")
+        elif info.field_name == "weights" and not (
+            isinstance(value, (list, tuple)) and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value)
+        ):
+            raise ValueError(f"must be a list of numbers, got {value!r}")
+        return value
+
     @field_validator("rank")
     @classmethod
     def _rank_positive(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be >= 1")
+        if value is not None and not 1 <= value <= MAX_RANK:
+            raise ValueError(f"must be from 1 to {MAX_RANK}")
+        return value
+
+    @field_validator("r_ref")
+    @classmethod
+    def _r_ref_positive(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value <= MAX_RANK:  # also refuses NaN
+            raise ValueError(f"must be > 0 and at most {MAX_RANK}")
         return value
 
     @field_validator("rank_overrides", mode="before")
@@ -131,9 +169,17 @@ class MergeOptions(BaseModel):
 
     @field_validator("n_init", "max_iter")
     @classmethod
-    def _at_least_one(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be >= 1")
+    def _at_least_one(cls, value: int, info: ValidationInfo) -> int:
+        limit = _COUNT_LIMITS[info.field_name]
+        if not 1 <= value <= limit:
+            raise ValueError(f"must be from 1 to {limit}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int) -> int:
+        if not 0 <= value < 2**63:
+            raise ValueError("must be from 0 to 2**63 - 1")
         return value
 
     @field_validator("weights")
@@ -141,6 +187,8 @@ class MergeOptions(BaseModel):
     def _finite_weights(cls, value: list[float] | None) -> list[float] | None:
         if value is not None and any(w != w or abs(w) == float("inf") for w in value):
             raise ValueError("must be finite numbers")
+        if value is not None and len(value) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} weights")
         return value
 
 

@@ -18,6 +18,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from .patterns import PatternError, compile_pattern, finditer
+
+MAX_RANK = 65536  # the largest output rank accepted anywhere (--rank, overrides); far above any real LoRA
+
 
 def parse_override(text: str) -> tuple[str, int]:
     """``"PATTERN=K"`` -> ``(PATTERN, K)``; the last ``=`` separates them (a regex may contain ``=``)."""
@@ -43,11 +47,11 @@ def validate_overrides(value: Mapping[str, int] | Iterable[str] | None) -> dict[
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"pattern {pattern!r} must be a non-empty string")
         try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"pattern {pattern!r} is not a valid regular expression ({error})") from None
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"pattern {pattern!r}: k must be an integer >= 1, got {rank!r}")
+            compile_pattern(pattern)
+        except PatternError as error:
+            raise ValueError(str(error)) from None
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"pattern {pattern!r}: k must be an integer from 1 to {MAX_RANK}, got {rank!r}")
         if pattern in result and result[pattern] != rank:
             raise ValueError(f"pattern {pattern!r} is given twice with different k")
         result[pattern] = rank
@@ -58,7 +62,7 @@ def _match_length(pattern: str, module: str) -> int:
     """Length of the longest match of ``pattern`` on whole name parts of ``module``; -1 if none."""
     sep = re.escape("." if "." in module else "_")
     best = -1
-    for match in re.finditer(rf"(?:^|(?<={sep}))(?:{pattern})(?={sep}|$)", module):
+    for match in finditer(rf"(?:^|(?<={sep}))(?:{pattern})(?={sep}|$)", module, "--rank-override"):
         best = max(best, match.end() - match.start())
     return best
 

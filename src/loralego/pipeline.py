@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .adapters import Adapter, memory_adapter, natural_key
-from .adapters.formats import output_format, output_metadata, write_adapter
+from .adapters.formats import SINGLE_FILE_FORMATS, output_format, output_metadata, sidecar_path, write_adapter
 from .adapters.peft import merged_config
 from .errors import LoraLegoError
 from .finite import all_finite
@@ -27,6 +27,7 @@ from .msu import Factors, concat
 from .options import MergeOptions, make_options
 from .overrides import override_for, unused_patterns
 from .parallel import default_workers, intra_op_threads, ordered_map
+from .safeio import refuse_overlap
 from .vllm import pad_all
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -303,14 +304,16 @@ def merge(adapters: list[Adapter], options: MergeOptions | None = None, **overri
     return merged
 
 
-def _refuse_overlap(out: Path, adapters: list[Adapter]) -> None:
-    target = out.resolve()
-    for adapter in adapters:
-        if adapter.path is None:
-            continue
-        source = adapter.path.resolve()
-        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
-            raise LoraLegoError(f"{out}: output overlaps input {adapter.path}; choose another folder")
+def input_paths(adapters: list[Adapter]) -> list[Path]:
+    """The paths every write must keep clear of (checked file by file in :func:`safeio.refuse_overlap`)."""
+    return [adapter.path for adapter in adapters if adapter.path is not None]
+
+
+def _refuse_overlap(out: Path, adapters: list[Adapter], extra_files: dict[str, str] | None, fmt: str) -> None:
+    refuse_overlap(out, input_paths(adapters))
+    if fmt in SINGLE_FILE_FORMATS:  # the recipe copy goes beside a single-file output
+        for name in extra_files or {}:
+            refuse_overlap(sidecar_path(out, name), input_paths(adapters), "output file")
 
 
 def merge_to_folder(
@@ -327,7 +330,7 @@ def merge_to_folder(
     they finish. ``extra_files`` (e.g. the recipe) go inside a PEFT folder, beside a single file."""
     out = Path(out)
     plan = plan_merge(list(adapters), make_options(options, **overrides))
-    _refuse_overlap(out, plan.adapters)
+    _refuse_overlap(out, plan.adapters, extra_files, plan.out_format)
     if command is None:
         command = shlex.join(["loralego", *sys.argv[1:]]) if sys.argv[0].endswith("loralego") else None
     write_adapter(

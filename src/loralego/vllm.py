@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from .adapters.base import Adapter
 from .adapters.peft import CONFIG_NAME, PREFIX, SAFETENSORS_NAME, write_peft_folder
 from .adapters.safetensors_stream import SafetensorsStreamWriter
 from .errors import LoraLegoError
+from .safeio import check_destination, scratch_folder
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
@@ -176,15 +175,8 @@ def write_vllm_folder(
     anything is written at ``out``.
     """
     out = Path(out)
-    if out.exists() and not (force and out.is_dir()):  # refuse before merging, as the other writers do
-        what = (
-            "folder already exists (use --force to replace it)" if out.is_dir() else "path exists and is not a folder"
-        )
-        raise LoraLegoError(f"{out}: output {what}")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.vllm-", dir=parent))
-    try:
+    check_destination(out, folder=True, force=force)  # refuse before merging, as the other writers do
+    with scratch_folder(out) as scratch:
         ranks: dict[str, int] = {}
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
         unpadded = scratch / "unpadded.safetensors"
@@ -221,5 +213,3 @@ def write_vllm_folder(
             extra_files=extra_files,
         )
         return rank
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

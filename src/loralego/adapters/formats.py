@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import LoraLegoError
+from ..safeio import check_destination
 from . import hub
 from .base import Adapter
 from .diffusers import is_diffusers_key, load_diffusers, write_diffusers_file
@@ -184,10 +185,9 @@ def write_adapter(
         raise LoraLegoError(f"--format {fmt}: unknown format (choose from {', '.join(FORMATS)})")
     sidecars = {sidecar_path(out, file_name): text for file_name, text in (extra_files or {}).items()}
     for sidecar in sidecars:  # refuse before merging, not after
-        if sidecar.exists() and not force:
-            raise LoraLegoError(f"{sidecar}: output file already exists (use --force to replace it)")
+        check_destination(sidecar, folder=False, force=force, kind="yaml")
     writer = write_kohya_file if fmt == "kohya" else write_diffusers_file
     writer(out, tensors=tensors, alphas=alphas, metadata=metadata, force=force)
     for sidecar, text in sidecars.items():
-        write_text_atomically(sidecar, text, force=True)
+        write_text_atomically(sidecar, text, force=force, kind="yaml")
     return None

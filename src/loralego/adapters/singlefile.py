@@ -1,25 +1,22 @@
 """What the single-file LoRA formats (kohya, diffusers) share: atomic file writes, shape checks, alphas.
 
-A single-file output is written to a temporary file in the destination folder and renamed over the
-destination with ``os.replace`` at the end, so a reader never sees a half-written file, even on an error or
-Ctrl-C.
+A single-file output is written through :func:`loralego.safeio.atomic_file` (re-exported here): a temporary
+folder beside the destination, renamed into place at the end, so a reader never sees a half-written file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import LoraLegoError
+from ..safeio import atomic_file, write_text  # noqa: F401 - atomic_file is shared with kohya/diffusers
 from .base import Adapter, ModuleInfo, natural_key
 from .peft import _DTYPES, file_sha256
+from .peft import _has_part as has_part
 from .peft import _SafetensorsFile as SafetensorsFile
 
 FLOAT_DTYPES = set(_DTYPES.values())
@@ -43,7 +40,7 @@ UNSUPPORTED_FRAGMENTS = {
 def unsupported_feature(key: str) -> str | None:
     """The name of the non-LoRA network a tensor belongs to, if its name says so."""
     for fragment, feature in UNSUPPORTED_FRAGMENTS.items():
-        if fragment in key:
+        if has_part(key, fragment):  # at the start of a name part: "..._soft_proj" is not OFT
             return feature
     if key.endswith((".diff", ".diff_b")):
         return "full weight differences (.diff)"
@@ -89,50 +86,9 @@ def require_safetensors_path(out: Path, fmt: str) -> None:
         raise LoraLegoError(f"{out}: a {fmt} output is one file; give --out a path ending in {SUFFIX}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(out: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success it replaces ``out`` (``os.replace``).
-
-    On any exception (KeyboardInterrupt included) the temporary file is removed and ``out`` is left as it
-    was. An existing ``out`` is refused unless ``force``; a folder at ``out`` is always refused.
-    """
-    out = Path(out)
-    if out.is_dir():
-        raise LoraLegoError(f"{out}: output path is a folder, expected a file")
-    if out.exists() and not force:
-        raise LoraLegoError(f"{out}: output file already exists (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=parent)
-        os.close(handle)
-        os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the usual permissions
-    except OSError as error:
-        raise LoraLegoError(f"{out}: cannot create the output file: {error.strerror or error}") from None
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, out)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise LoraLegoError(f"{out}: writing the output failed: {error.strerror or error}") from None
-        raise
-
-
-def write_text_atomically(out: Path, text: str, *, force: bool = False) -> Path:
+def write_text_atomically(out: Path, text: str, *, force: bool = False, kind: str = "yaml") -> Path:
     """A small text file (a recipe copy, a report), written with the same all-or-nothing rule."""
-    with atomic_file(out, force=force) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return out
+    return write_text(out, text, force=force, kind=kind)
 
 
 def build_adapter(

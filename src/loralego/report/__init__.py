@@ -6,20 +6,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import __version__
 from ..adapters import Adapter, load
-from ..adapters.singlefile import write_text_atomically
 from ..errors import LoraLegoError
 from ..methods import METHODS
 from ..options import MergeOptions, make_options
+from ..safeio import MAX_METADATA_VALUE_BYTES, check_destination, parse_json, refuse_overlap, write_text
 from .html import ReportPage, render
 from .plots import cluster_figures, metrics_figure, norms_figure
 from .stats import ModuleStats, ReportCollector, module_stats
@@ -27,13 +28,19 @@ from .stats import ModuleStats, ReportCollector, module_stats
 __all__ = ["ReportCollector", "check_report_path", "report_existing", "write_merge_report"]
 
 
-def check_report_path(path: str | Path, force: bool) -> None:
-    """Refuse an existing report before any work is done (the write itself is atomic)."""
+def check_report_path(
+    path: str | Path, force: bool, inputs: Sequence[str | Path] = (), output: str | Path | None = None
+) -> None:
+    """Refuse, before any work is done, a report path that is an input or inside one (or the merge's output),
+    or an existing file that --force may not replace (the write itself is atomic)."""
     path = Path(path)
     if path.is_dir():
         raise LoraLegoError(f"{path}: report path is a folder, expected an .html file")
-    if path.exists() and not force:
-        raise LoraLegoError(f"{path}: report file already exists (use --force to replace it)")
+    refuse_overlap(path, [*inputs, *([output] if output is not None else [])], "report")
+    try:
+        check_destination(path, folder=False, force=force, kind="html")
+    except LoraLegoError as error:
+        raise LoraLegoError(str(error).replace("output file already exists", "report file already exists")) from None
 
 
 def _input_rows(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[dict[str, str]]:
@@ -80,7 +87,7 @@ def _render_to(
     norms = norms_figure(stats, norm)
     seconds = time.perf_counter() - start
     page.timings.append(("report rendering", seconds))
-    write_text_atomically(path, render(page, stats, metrics, clusters, norms, cluster_note), force=force)
+    write_text(path, render(page, stats, metrics, clusters, norms, cluster_note), force=force, kind="html")
     return seconds
 
 
@@ -116,20 +123,53 @@ def write_merge_report(
     return path
 
 
+def _metadata_json(meta: dict[str, Any], key: str, where: str) -> Any:
+    """A JSON value from the merged file's metadata, bounded like any untrusted input; None when absent."""
+    raw = meta.get(key)
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or len(raw) > MAX_METADATA_VALUE_BYTES:
+        raise LoraLegoError(f"{where}: metadata {key} is not a JSON string of at most {MAX_METADATA_VALUE_BYTES} bytes")
+    return parse_json(raw, f"{where}: metadata {key}")
+
+
+def _recorded_inputs(value: Any, where: str) -> list[dict[str, Any]]:
+    """``loralego.inputs``: a list of ``{name, sha256, weight}`` with the right types, else refused."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise LoraLegoError(f"{where}: metadata loralego.inputs must be a list of objects")
+    for entry in value:
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise LoraLegoError(f"{where}: metadata loralego.inputs: weight must be a finite number, got {weight!r}")
+        for key in ("name", "sha256"):
+            if not isinstance(entry.get(key, ""), (str, type(None))):
+                raise LoraLegoError(f"{where}: metadata loralego.inputs: {key} must be a string")
+    return value
+
+
 def _recorded(merged: Adapter, inputs: list[Adapter], notes: list[str]) -> tuple[str | None, MergeOptions]:
-    """The method and options recorded in the merged file's metadata (defaults when absent or unreadable)."""
+    """The method and options recorded in the merged file's metadata (validated like any input: a tampered
+    record is refused, not trusted; absent, defaults are assumed)."""
     meta = merged.metadata
+    where = str(merged.path or merged.name)
     method = meta.get("loralego.method")
-    try:
-        options = make_options(None, **json.loads(meta.get("loralego.options") or "{}"))
-    except (LoraLegoError, json.JSONDecodeError, TypeError):
-        notes.append("The merge options recorded in the metadata could not be read; defaults are assumed.")
+    if method is not None and (not isinstance(method, str) or len(method) > 100):
+        raise LoraLegoError(f"{where}: metadata loralego.method is not a method name")
+    recorded_options = _metadata_json(meta, "loralego.options", where)
+    if recorded_options is None:
         options = MergeOptions()
+    elif not isinstance(recorded_options, dict):
+        raise LoraLegoError(f"{where}: metadata loralego.options must be a JSON object")
+    else:
+        try:
+            options = make_options(None, **{str(key): value for key, value in recorded_options.items()})
+        except LoraLegoError as error:
+            raise LoraLegoError(f"{where}: metadata loralego.options: {error}") from None
     if method is None:
         notes.append(f"{merged.path}: no loralego merge record in its metadata; input weights of 1 are assumed.")
-    recorded = []
-    with contextlib.suppress(json.JSONDecodeError):
-        recorded = json.loads(meta.get("loralego.inputs") or "[]")
+    recorded = _recorded_inputs(_metadata_json(meta, "loralego.inputs", where), where)
     if recorded and len(recorded) == len(inputs):
         for index, (entry, adapter) in enumerate(zip(recorded, inputs, strict=True)):
             if entry.get("sha256") and adapter.sha256 and entry["sha256"] != adapter.sha256:
@@ -182,6 +222,7 @@ def report_existing(
     start = time.perf_counter()
     merged = load(merged_spec)
     inputs = [load(spec) for spec in input_specs]
+    check_report_path(out, force, [a.path for a in (merged, *inputs) if a.path is not None])
     notes: list[str] = []
     method, options = _recorded(merged, inputs, notes)
     weights = list(options.weights) if options.weights is not None else [1.0] * len(inputs)
