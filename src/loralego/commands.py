@@ -32,8 +32,6 @@ def execute_merge(
 
     if report is not None:
         from .report import check_report_path
-
-        check_report_path(report, options.force)
     started = time.perf_counter()
     adapters = [load(path) for path in inputs]
     if report is not None:  # the report may not land on an input (or its weights) nor on the output

@@ -218,7 +218,6 @@ def report_existing(
     from ..pipeline import merge_module, plan_merge
 
     out = Path(out)
-    check_report_path(out, force)
     start = time.perf_counter()
     merged = load(merged_spec)
     inputs = [load(spec) for spec in input_specs]
