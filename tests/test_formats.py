@@ -209,9 +209,9 @@ def test_non_lora_kohya_tensors_are_refused(tmp_path, key, feature):
 
 
 def test_single_file_write_is_all_or_nothing(kohya_pair, tmp_path):
-    from loralego.adapters.kohya import write_kohya_file
-
     from safetensors.torch import save_file
+
+    from loralego.adapters.kohya import write_kohya_file
 
     out = tmp_path / "out.safetensors"
     save_file({"old": torch.ones(2)}, str(out))  # an earlier safetensors file: --force may replace it

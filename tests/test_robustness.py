@@ -718,7 +718,8 @@ def test_failed_rename_restores_the_old_output(inputs, monkeypatch, tmp_path):
     real = Path.rename
 
     def rename(self: Path, target: Any) -> Path:
-        if self.name.startswith(".loralego-tmp-") and not self.name.endswith("-old-out"):  # moving the new output into place fails (the old one is aside)
+        # moving the new output into place fails (the old one is aside)
+        if self.name.startswith(".loralego-tmp-") and not self.name.endswith("-old-out"):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real(self, target)
 

@@ -127,7 +127,8 @@ class MergeOptions(BaseModel):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"must be a number, got {value!r}")
         elif info.field_name == "weights" and not (
-            isinstance(value, (list, tuple)) and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value)
+            isinstance(value, (list, tuple))
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value)
         ):
             raise ValueError(f"must be a list of numbers, got {value!r}")
         return value
