@@ -1,28 +1,28 @@
-"""One options model for the CLI, recipes and the Python API: every merge option is defined here once.
+"""The options of a merge: the common ones (inputs' weights, rank, seed, output...) defined here once, and
+the chosen method's own parameters, declared by the method (``methods/*.py``) and validated against it.
 
-The CLI builds its flags from these fields (``cli.add_option_flags``), so a new option appears everywhere
-by adding one field with a description.
+The CLI builds its flags from these declarations (``cli.add_option_flags``), recipes and the Python API take
+the same names, so a new option or parameter appears everywhere by adding one field with a description.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .errors import LoraLegoError
-from .overrides import MAX_RANK
+from .methods import MethodParams, get_method
+from .methods.base import check_count, check_fraction
 
-# Upper limits of user-given counts: far above any useful value, low enough that a typo cannot make a merge
-# run for days (--n-init 1000000000) or write an absurd config (--rank 1000000000).
-_COUNT_LIMITS = {"n_init": 1000, "max_iter": 100_000}
-MAX_INPUTS = 100_000
-_COUNTS = ("rank", "n_init", "max_iter", "seed")
-_NUMBERS = ("energy", "r_ref", "density")
+# Far above any LoRA (ranks beyond the hidden size cannot add anything), low enough that a typo cannot ask
+# for a terabyte of zero units.
+MAX_RANK = 65536
 
 
 class MergeOptions(BaseModel):
-    """How to merge. Defaults follow the LoRA-LEGO spec (docs/method.md)."""
+    """How to merge. ``parameters`` are the method's own (see ``loralego methods METHOD``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,55 +46,6 @@ class MergeOptions(BaseModel):
         None, description="one weight per input adapter (default: all 1; lego+: all 1/n)"
     )
     seed: int = Field(0, description="seed for k-means and DARE; same seed, same bytes")
-    # LoRA-LEGO (lego) options
-    n_init: int = Field(4, description="k-means restarts (lego)")
-    max_iter: int = Field(100, description="k-means iteration cap (lego)")
-    param_reweight: bool = Field(True, description="scale each centroid to its members' mean norm (lego)")
-    output_reweight: bool = Field(True, description="scale the merged update by sqrt(r_ref / k) (lego)")
-    norm: Literal["inf", "2"] = Field("inf", description="norm used by parameter reweighting (lego)")
-    r_ref: float | None = Field(
-        None, description="reference rank of output reweighting; default: mean input rank of the module (lego)"
-    )
-    # Rank-wise variants (lego+; each can be set on lego too). None: the method's own default.
-    gauge: Literal["none", "balanced"] | None = Field(
-        None,
-        description="unit gauge before clustering: none, or balanced (||a|| = ||b||, canonical sign); "
-        "default none for lego, balanced for lego+",
-    )
-    cluster_on: Literal["units", "directions"] | None = Field(
-        None,
-        description="cluster the units, or their per-half unit directions; default units for lego, "
-        "directions for lego+",
-    )
-    representative: Literal["mean", "rank1", "rank1_mean", "ties"] | None = Field(
-        None,
-        description="rank of each cluster: mean of its units; best rank-1 approximation of its summed update "
-        "(rank1); or of that sum divided by the number of input adapters in the cluster (rank1_mean); TIES "
-        "inside the cluster, trimming each unit to --density and electing a sign per coordinate (ties); "
-        "default mean",
-    )
-    output_scale: Literal["sqrt_rank", "match_norm", "least_squares"] | None = Field(
-        None,
-        description="output reweighting: the paper's sqrt(r_ref / k) (sqrt_rank, applied to mean representatives "
-        "only); or one factor per module that gives the merged update the Frobenius norm of the exact weighted "
-        "ensemble (match_norm) or its least-squares fit to it (least_squares); default sqrt_rank for lego, "
-        "least_squares for lego+",
-    )
-    balance: bool = Field(
-        False,
-        description="rescale every adapter's update to the same Frobenius norm per module before clustering, "
-        "so one with a large alpha / r does not take every cluster (lego)",
-    )
-    # TIES / DARE / magnitude pruning options
-    density: float = Field(0.2, description="fraction of entries kept (ties, dare_*, magnitude_prune)")
-    majority_sign: Literal["total", "frequency"] = Field("total", description="sign election of ties / dare_ties")
-    space: Literal["dense", "factors"] = Field(
-        "dense",
-        description="where ties / dare_* / magnitude_prune work: dense = on each module's full update, then the "
-        "best rank-k approximation (any ranks; PEFT's *_svd); factors = on A and B separately (PEFT's plain "
-        "variants; equal ranks only, output rank = input rank)",
-    )
-    # Execution and output
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="dtype of the written tensors; auto: the inputs' dtype"
     )
@@ -108,44 +59,29 @@ class MergeOptions(BaseModel):
         description="serving target the output must satisfy; vllm: one rank from vLLM's --max-lora-rank values "
         "for all modules (smaller ones padded with zero units), alpha = r, checked before writing",
     )
+    parameters: SerializeAsAny[MethodParams] = Field(
+        default_factory=MethodParams, description="the method's own parameters (validated against its declaration)"
+    )
 
-    @field_validator("*", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _strict_kinds(cls, value: object, info: ValidationInfo) -> object:
-        """Values from files and recipes keep their kind: a switch is true/false (not "false", not 1), a
-        count is an integer (not true, not "4"), a number is a number (not "0.3")."""
-        field = cls.model_fields[info.field_name]
-        if value is None:
-            return value
-        if field.annotation is bool:
-            if not isinstance(value, bool):
-                raise ValueError(f"must be true or false, got {value!r}")
-        elif info.field_name in _COUNTS:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"must be an integer, got {value!r}")
-        elif info.field_name in _NUMBERS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"must be a number, got {value!r}")
-        elif info.field_name == "weights" and not (
-            isinstance(value, (list, tuple))
-            and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value)
-        ):
-            raise ValueError(f"must be a list of numbers, got {value!r}")
-        return value
+    def _method_parameters(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            method = data.get("method", "lego")
+            if not isinstance(method, str):
+                raise ValueError("method must be a name (see `loralego methods`)")
+            data = {**data, "parameters": method_parameters(method, data.get("parameters"))}
+        return data
 
     @field_validator("rank")
     @classmethod
-    def _rank_positive(cls, value: int | None) -> int | None:
-        if value is not None and not 1 <= value <= MAX_RANK:
-            raise ValueError(f"must be from 1 to {MAX_RANK}")
-        return value
+    def _rank(cls, value: int | None) -> int | None:
+        return value if value is None else check_count(value, MAX_RANK)
 
-    @field_validator("r_ref")
+    @field_validator("energy")
     @classmethod
-    def _r_ref_positive(cls, value: float | None) -> float | None:
-        if value is not None and not 0.0 < value <= MAX_RANK:  # also refuses NaN
-            raise ValueError(f"must be > 0 and at most {MAX_RANK}")
-        return value
+    def _energy(cls, value: float | None) -> float | None:
+        return value if value is None else check_fraction(value)
 
     @field_validator("rank_overrides", mode="before")
     @classmethod
@@ -154,53 +90,63 @@ class MergeOptions(BaseModel):
 
         return validate_overrides(value)  # type: ignore[arg-type]
 
-    @field_validator("energy")
-    @classmethod
-    def _energy_in_range(cls, value: float | None) -> float | None:
-        if value is not None and not 0.0 < value <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return value
-
-    @field_validator("density")
-    @classmethod
-    def _density_in_range(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return value
-
-    @field_validator("n_init", "max_iter")
-    @classmethod
-    def _at_least_one(cls, value: int, info: ValidationInfo) -> int:
-        limit = _COUNT_LIMITS[info.field_name]
-        if not 1 <= value <= limit:
-            raise ValueError(f"must be from 1 to {limit}")
-        return value
-
-    @field_validator("seed")
-    @classmethod
-    def _seed_range(cls, value: int) -> int:
-        if not 0 <= value < 2**63:
-            raise ValueError("must be from 0 to 2**63 - 1")
-        return value
-
     @field_validator("weights")
     @classmethod
     def _finite_weights(cls, value: list[float] | None) -> list[float] | None:
         if value is not None and any(w != w or abs(w) == float("inf") for w in value):
             raise ValueError("must be finite numbers")
-        if value is not None and len(value) > MAX_INPUTS:
-            raise ValueError(f"at most {MAX_INPUTS} weights")
         return value
 
 
-def make_options(options: MergeOptions | None = None, **overrides: object) -> MergeOptions:
-    """Build options from an existing model and/or keyword overrides, turning validation errors into one line."""
-    from pydantic import ValidationError
+COMMON_OPTIONS = tuple(name for name in MergeOptions.model_fields if name != "parameters")
 
-    base = options.model_dump() if options is not None else {}
-    base.update(overrides)
+
+def method_parameters(method: str, given: MethodParams | Mapping[str, Any] | None) -> MethodParams:
+    """``given`` validated against ``method``'s declaration; a parameter it does not take is refused by name."""
+    declared = get_method(method).params
+    if isinstance(given, declared):
+        return given
+    if isinstance(given, MethodParams):  # another method's parameters: only those set explicitly carry over
+        given = given.model_dump(exclude_unset=True)
+    if given is not None and not isinstance(given, Mapping):
+        raise LoraLegoError(f"parameters of {method}: expected a mapping of names to values")
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(declared.model_fields))
+    if unknown:
+        takes = ", ".join(declared.model_fields) or "none"
+        raise LoraLegoError(
+            f"option {unknown[0]}: unknown key: not a merge option, and method {method} takes no such parameter "
+            f"(its parameters: {takes})"
+        )
     try:
-        return MergeOptions(**base)
+        return declared.model_validate(given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "parameters"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise LoraLegoError(f"option {where}: {message}") from None
+
+
+def make_options(options: MergeOptions | None = None, **overrides: Any) -> MergeOptions:
+    """Options from an existing model and/or keyword overrides, turning validation errors into one line.
+
+    Keywords that are not common options are the method's parameters (``density=0.3`` for ties), so the
+    Python API takes them flat, as the CLI does; ``parameters={...}`` works too.
+    """
+    base = options.model_dump(exclude={"parameters"}) if options is not None else {}
+    parameters = options.parameters.model_dump(exclude_unset=True) if options is not None else {}
+    for name, value in overrides.items():
+        if name in COMMON_OPTIONS:
+            base[name] = value
+        elif name == "parameters":
+            given = value.model_dump(exclude_unset=True) if isinstance(value, MethodParams) else value
+            if given is not None and not isinstance(given, Mapping):
+                raise LoraLegoError("option parameters: expected a mapping of names to values")
+            parameters.update(given or {})
+        else:
+            parameters[name] = value
+    try:
+        return MergeOptions(**base, parameters=parameters)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "options"
