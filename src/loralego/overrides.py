@@ -41,6 +41,8 @@ def validate_overrides(value: Mapping[str, int] | Iterable[str] | None) -> dict[
         return {}
     if isinstance(value, str):
         value = [value]
+    if not isinstance(value, (Mapping, list, tuple)):  # e.g. ``rank_overrides: 0.5`` in a recipe
+        raise ValueError(f"must map patterns to ranks (or be PATTERN=K strings), got {value!r}")
     pairs = list(value.items()) if isinstance(value, Mapping) else [parse_override(str(item)) for item in value]
     result: dict[str, int] = {}
     for pattern, rank in pairs:
