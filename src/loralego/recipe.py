@@ -145,7 +145,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     if not all(isinstance(key, str) for key in data):
         raise LoraLegoError(f"{path}: every key must be a string")
     if "force" in data:  # replacing files is the user's decision at the command line, never the file's
-        raise LoraLegoError(f"{path}: force: not allowed in a recipe (give --force to `loralego run`)")
+        raise LoraLegoError(f"{path}: force: not allowed in a recipe (give --force to loralego run)")
     own = {key: data[key] for key in _RECIPE_KEYS if key in data}
     options = {key: value for key, value in data.items() if key not in _RECIPE_KEYS}
     try:
