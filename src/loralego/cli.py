@@ -70,6 +70,10 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 "--rank-override", dest=name, action="append", default=None, metavar="PATTERN=K", help=help_text
             )
+        elif name == "weight_overrides":  # per input, given as repeated I:PATTERN=W (parsed by MergeOptions)
+            parser.add_argument(
+                "--weight-override", dest=name, action="append", default=None, metavar="I:PATTERN=W", help=help_text
+            )
         elif name == "weights":
             parser.add_argument(_flag(name), dest=name, nargs="+", type=float, metavar="W", help=help_text)
         elif name == "method":
@@ -202,7 +206,13 @@ def execute_merge(
     """Load, plan, merge, write (and report); print what was done unless ``quiet``. One code path for
     ``loralego merge`` and ``loralego run``: the same inputs and options give the same bytes either way."""
     started = time.perf_counter()
-    plan = plan_merge([load(path) for path in inputs], options)
+    adapters = [load(path, convert_to_lora=options.convert_to_lora) for path in inputs]
+    if not quiet:
+        for adapter in adapters:  # LoHa / LoKr modules converted to LoRA: what the truncation kept
+            for module, energy in adapter.conversions.items():
+                rank = adapter.modules[module].rank
+                print(f"{adapter.name}: {module}: converted to LoRA rank {rank}, kept energy {energy:.6f}")
+    plan = plan_merge(adapters, options)
     if report is not None:  # the report may not land on an input (or its weights) nor on the output
         from .report import check_report_path
 
@@ -255,7 +265,7 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> None:
     command = shlex.join(["loralego", *argv])
     plan = execute_merge(args.adapters, args.out, options, command=command, report=args.report, quiet=args.quiet)
     if args.verify:  # re-open what was written: the check covers the file, not the in-memory result
-        print(format_report(verify(load(args.out), plan.adapters, plan.weights)))
+        print(format_report(verify(load(args.out), plan.adapters, plan.weights, plan.options.weight_overrides)))
 
 
 def run_recipe(args: argparse.Namespace, argv: Sequence[str]) -> None:

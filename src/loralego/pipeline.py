@@ -75,7 +75,10 @@ def module_rank(plan: MergePlan, module: ModulePlan, factors: list[Factors]) -> 
 def merge_module(plan: MergePlan, module: str) -> ModuleResult:
     """Read, fold and merge one module; only this module's factors are in memory."""
     spec = plan.modules[module]
-    factors = [plan.adapters[j].folded(module, plan.weights[j], plan.device) for j in spec.adapter_indices]
+    factors = [
+        plan.adapters[j].folded(module, weight, plan.device)
+        for j, weight in zip(spec.adapter_indices, spec.weights, strict=True)
+    ]
     for j, pair in zip(spec.adapter_indices, factors, strict=True):
         _check_folded(plan.adapters[j], module, pair)
     job = ModuleJob(

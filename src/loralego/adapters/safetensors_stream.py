@@ -15,12 +15,7 @@ from pathlib import Path
 
 import torch
 
-_DTYPE_NAMES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-}
+from .safetensors_read import DTYPE_NAMES
 
 
 class SafetensorsStreamWriter:
@@ -42,7 +37,7 @@ class SafetensorsStreamWriter:
         raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         self._data.write(raw)
         self._entries[name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "dtype": DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [self._offset, self._offset + len(raw)],
         }
