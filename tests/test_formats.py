@@ -218,13 +218,16 @@ def test_non_lora_kohya_tensors_are_refused(tmp_path, key, feature):
 
 
 def test_single_file_write_is_all_or_nothing(kohya_pair, tmp_path):
+    from safetensors.torch import save_file
+
     from loralego.adapters.kohya import write_kohya_file
 
     out = tmp_path / "out.safetensors"
-    out.write_bytes(b"keep me")
+    save_file({"old": torch.ones(2)}, str(out))  # an earlier safetensors file: --force may replace it
+    kept = out.read_bytes()
     with pytest.raises(loralego.LoraLegoError, match="already exists"):
         loralego.merge_to_folder([loralego.load(p) for p in kohya_pair], out)
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == kept
 
     def failing():
         yield "unet.m", torch.zeros(2, 3), torch.zeros(4, 2)
@@ -232,7 +235,7 @@ def test_single_file_write_is_all_or_nothing(kohya_pair, tmp_path):
 
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_kohya_file(out, tensors=failing(), force=True)
-    assert out.read_bytes() == b"keep me"  # the old file is untouched, no half-written one
+    assert out.read_bytes() == kept  # the old file is untouched, no half-written one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out.safetensors"]
 
 

@@ -240,14 +240,14 @@ def test_config_is_a_folder_so_unreadable(request, capsys, inputs):
 
 def test_config_permission_denied(request, capsys, inputs, monkeypatch):
     bad, good = inputs("a"), inputs("b")
-    real = Path.read_text
+    real = os.open
 
-    def denied(self: Path, *args: Any, **kwargs: Any) -> str:
-        if self == bad / CONFIG:
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
+    def denied(path: Any, *args: Any, **kwargs: Any) -> int:
+        if Path(path) == bad / CONFIG:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", denied)
+    monkeypatch.setattr(os, "open", denied)
     check_refused(request, capsys, [bad, good], [str(bad / CONFIG), "cannot read: Permission denied"])
 
 
@@ -347,7 +347,7 @@ def test_config_not_utf8(request, capsys, inputs):
         ({"fan_in_fan_out": 1}, "key 'fan_in_fan_out' must be true or false"),
         ({"rank_pattern": [4]}, "key 'rank_pattern' must map module patterns to numbers"),
         ({"alpha_pattern": {"q_proj": "x"}}, "key 'alpha_pattern' must map module patterns to numbers"),
-        ({"rank_pattern": {"q_proj(": 4}}, "key 'rank_pattern': 'q_proj(' is not a valid pattern"),
+        ({"rank_pattern": {"q_proj(": 4}}, "key 'rank_pattern': pattern 'q_proj(' is not a valid regular expression"),
         ({"rank_pattern": {"q_proj": 2}}, f"tensor {Q_A}: rank 4 disagrees with the config's r = 2"),
         ({"target_modules": [1, 2]}, "key 'target_modules' must be a string or a list of strings"),
         ({"base_model_name_or_path": ["x"]}, "key 'base_model_name_or_path' must be a string"),
@@ -718,7 +718,8 @@ def test_failed_rename_restores_the_old_output(inputs, monkeypatch, tmp_path):
     real = Path.rename
 
     def rename(self: Path, target: Any) -> Path:
-        if self.name.startswith(".out.tmp-"):  # moving the new output into place fails (the old one is aside)
+        # moving the new output into place fails (the old one is aside)
+        if self.name.startswith(".loralego-tmp-") and not self.name.endswith("-old-out"):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real(self, target)
 

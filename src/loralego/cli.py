@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 
 from . import __version__
 from .adapters import load
-from .diagnostics import format_report, verify, write_json
+from .diagnostics import check_json_path, format_report, verify, write_json
 from .errors import LoraLegoError, one_line
 from .fewshot_cli import add_parsers as add_fewshot_parsers
 from .fewshot_cli import run_route, run_tune
@@ -27,6 +27,7 @@ from .pipeline import write_merged
 from .plan import MergePlan, plan_merge
 from .progress import Progress, peak_rss_mb
 from .recipe import RECIPE_FILE, load_recipe
+from .safeio import Terminated
 
 _ADAPTER_HELP = (
     "a PEFT adapter folder, a kohya or diffusers .safetensors LoRA file, or a Hugging Face model id already "
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one weight per input (default: the ones the merge recorded for these inputs, else 1)",
     )
     verify.add_argument("--json", metavar="FILE", help="also write every module's figures as JSON")
+    verify.add_argument("--force", action="store_true", help="replace an existing JSON file")
     verify.add_argument("--top", type=int, default=10, help="modules shown, worst first; 0: all (default: 10)")
     add_fewshot_parsers(commands, _ADAPTER_HELP, add_option_flags)
     return parser
@@ -206,10 +208,6 @@ def execute_merge(
 ) -> MergePlan:
     """Load, plan, merge, write (and report); print what was done unless ``quiet``. One code path for
     ``loralego merge`` and ``loralego run``: the same inputs and options give the same bytes either way."""
-    if report is not None:
-        from .report import check_report_path
-
-        check_report_path(report, options.force)
     started = time.perf_counter()
     adapters = [load(path, convert_to_lora=options.convert_to_lora) for path in inputs]
     if not quiet:
@@ -218,6 +216,10 @@ def execute_merge(
                 rank = adapter.modules[module].rank
                 print(f"{adapter.name}: {module}: converted to LoRA rank {rank}, kept energy {energy:.6f}")
     plan = plan_merge(adapters, options)
+    if report is not None:  # the report may not land on an input (or its weights) nor on the output
+        from .report import check_report_path
+
+        check_report_path(report, options.force, [a.path for a in plan.adapters if a.path is not None], out)
     collector = None
     if report is not None:
         from .report import ReportCollector
@@ -248,12 +250,12 @@ def execute_merge(
         return plan
     rank = plan.rank if plan.rank is not None else "exact"
     print(
-        f"merged {len(plan.adapters)} adapters with {plan.method.name} (rank {rank}) into {out}: "
+        f"merged {len(plan.adapters)} adapters with {plan.method.name} (rank {rank}) into {one_line(str(out))}: "
         f"{len(plan.modules)} modules in {time.perf_counter() - started:.2f} s (reading included), "
         f"peak memory {peak_rss_mb():.0f} MB"
     )
     if report is not None:
-        print(f"report: {report}")
+        print(f"report: {one_line(str(report))}")
     served = plan.output.served_rank
     if served is not None:
         padded = "" if plan.rank in (None, served) else f" (rank {plan.rank} padded with zero units to {served})"
@@ -287,16 +289,18 @@ def run_report(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from .report import report_existing  # matplotlib and friends only when a report is asked for
 
     report_existing(args.merged, args.adapters, args.out, command=shlex.join(["loralego", *argv]), force=args.force)
-    print(f"report: {args.out}")
+    print(f"report: {one_line(str(args.out))}")
 
 
 def run_verify(args: argparse.Namespace) -> None:
     merged = load(args.merged)
     adapters = [load(path) for path in args.adapters]
+    if args.json:  # refuse before the work: the JSON may not land on the merged adapter or an input
+        check_json_path(args.json, [a.path for a in (merged, *adapters) if a.path is not None], args.force)
     report = verify(merged, adapters, args.weights)
     print(format_report(report, args.top))
     if args.json:
-        write_json(report, args.json, merged, adapters)
+        write_json(report, args.json, merged, adapters, force=args.force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"loralego: error: {one_line(str(error))}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("loralego: terminated; nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("loralego: interrupted; nothing was written", file=sys.stderr)
         return 130

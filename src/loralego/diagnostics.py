@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from .adapters import Adapter, natural_key
-from .errors import LoraLegoError
+from .errors import LoraLegoError, one_line
 from .lowrank import frobenius_inner, frobenius_norm_sq
 from .msu import Factors, concat
+from .safeio import check_destination, refuse_overlap, write_text
 
 
 def difference_norm(x: Factors, y: Factors) -> float:
@@ -198,7 +199,9 @@ def recorded_weights(merged: Adapter, inputs: Sequence[Adapter]) -> list[float] 
     try:
         recorded = json.loads(merged.metadata.get("loralego.inputs", "[]"))
         by_hash = {entry["sha256"]: float(entry["weight"]) for entry in recorded}
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):  # a tampered record is not used
+        return None
+    if not all(math.isfinite(weight) for weight in by_hash.values()):
         return None
     if len(recorded) != len(inputs) or any(a.sha256 not in by_hash for a in inputs):
         return None
@@ -214,7 +217,7 @@ def recorded_weight_overrides(merged: Adapter, inputs: Sequence[Adapter]) -> lis
     try:
         overrides = json.loads(merged.metadata.get("loralego.options", "{}")).get("weight_overrides")
         overrides = validate_weight_overrides(overrides)
-    except (ValueError, TypeError, AttributeError, LoraLegoError):
+    except (ValueError, TypeError, AttributeError, RecursionError, LoraLegoError):  # tampered: not used
         return None
     return overrides if overrides is not None and len(overrides) <= len(inputs) else None
 
@@ -261,7 +264,7 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 def format_report(report: VerifyReport, top: int = 10) -> str:
     """The human summary: the worst modules by relative error, then the totals."""
     shown = report.worst(top)
-    width = max([len("module")] + [len(m.module) for m in shown])
+    width = max([len("module")] + [len(one_line(m.module)) for m in shown])
     title = "all modules" if len(shown) == len(report.modules) else f"worst {len(shown)} of {len(report.modules)}"
     lines = [
         f"{title} by relative error:",
@@ -270,7 +273,7 @@ def format_report(report: VerifyReport, top: int = 10) -> str:
     for m in shown:
         rank = "lost" if m.merged_rank is None else str(m.merged_rank)
         lines.append(
-            f"  {m.module:<{width}}  {rank:>5}  {m.target_rank:>6}  {_fmt(m.target_norm):>10}  "
+            f"  {one_line(m.module):<{width}}  {rank:>5}  {m.target_rank:>6}  {_fmt(m.target_norm):>10}  "
             f"{_fmt(m.relative_error):>9}  {_fmt(m.energy_kept):>8}"
         )
     lost = f"; {len(report.missing)} module(s) lost" if report.missing else ""
@@ -282,11 +285,20 @@ def format_report(report: VerifyReport, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: VerifyReport, path: str | Path, merged: Adapter, inputs: Sequence[Adapter]) -> None:
-    """Write the report with the adapters' names and paths."""
+def check_json_path(path: str | Path, inputs: Sequence[str | Path], force: bool = False) -> None:
+    """Refuse a JSON path that is, contains or lies inside an input, or an existing file --force may not replace."""
+    refuse_overlap(path, inputs, "JSON file")
+    check_destination(Path(path), folder=False, force=force, kind="json")
+
+
+def write_json(
+    report: VerifyReport, path: str | Path, merged: Adapter, inputs: Sequence[Adapter], *, force: bool = False
+) -> None:
+    """Write the report with the adapters' names and paths (atomically, never over an input)."""
     data = {
         "merged": str(merged.path) if merged.path else merged.name,
         "inputs": [str(a.path) if a.path else a.name for a in inputs],
         **report.to_dict(),
     }
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    paths = [a.path for a in (merged, *inputs) if a.path is not None]
+    write_text(path, json.dumps(data, indent=2) + "\n", force=force, kind="json", inputs=paths)

@@ -15,16 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 from .errors import LoraLegoError
 from .methods import MethodParams, get_method
 from .methods.base import check_count, check_fraction
-
-# Far above any LoRA (ranks beyond the hidden size cannot add anything), low enough that a typo cannot ask
-# for a terabyte of zero units.
-MAX_RANK = 65536
+from .overrides import MAX_RANK  # far above any LoRA, low enough that a typo cannot ask for a terabyte of zeros
 
 
 class MergeOptions(BaseModel):
     """How to merge. ``parameters`` are the method's own (see ``loralego methods METHOD``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: values from recipes and metadata keep their kind (rank: true, density: "0.3" are refused)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: str = Field("lego", description="merge method (see `loralego methods`)")
     rank: int | None = Field(
@@ -104,6 +102,10 @@ class MergeOptions(BaseModel):
 
         return validate_overrides(value)  # type: ignore[arg-type]
 
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_sequence(cls, value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value  # the API may pass a tuple; strict wants a list
     @field_validator("convert_to_lora")
     @classmethod
     def _convert_rank_positive(cls, value: int | None) -> int | None:

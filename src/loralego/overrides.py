@@ -18,6 +18,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from .patterns import PatternError, compile_pattern, finditer
+
+MAX_RANK = 65536  # the largest output rank accepted anywhere (--rank, overrides); far above any real LoRA
+
 
 def parse_override(text: str) -> tuple[str, int]:
     """``"PATTERN=K"`` -> ``(PATTERN, K)``; the last ``=`` separates them (a regex may contain ``=``)."""
@@ -37,17 +41,19 @@ def validate_overrides(value: Mapping[str, int] | Iterable[str] | None) -> dict[
         return {}
     if isinstance(value, str):
         value = [value]
+    if not isinstance(value, (Mapping, list, tuple)):  # e.g. ``rank_overrides: 0.5`` in a recipe
+        raise ValueError(f"must map patterns to ranks (or be PATTERN=K strings), got {value!r}")
     pairs = list(value.items()) if isinstance(value, Mapping) else [parse_override(str(item)) for item in value]
     result: dict[str, int] = {}
     for pattern, rank in pairs:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"pattern {pattern!r} must be a non-empty string")
         try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"pattern {pattern!r} is not a valid regular expression ({error})") from None
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"pattern {pattern!r}: k must be an integer >= 1, got {rank!r}")
+            compile_pattern(pattern)
+        except PatternError as error:
+            raise ValueError(str(error)) from None
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"pattern {pattern!r}: k must be an integer from 1 to {MAX_RANK}, got {rank!r}")
         if pattern in result and result[pattern] != rank:
             raise ValueError(f"pattern {pattern!r} is given twice with different k")
         result[pattern] = rank
@@ -101,7 +107,7 @@ def _match_length(pattern: str, module: str) -> int:
     """Length of the longest match of ``pattern`` on whole name parts of ``module``; -1 if none."""
     sep = re.escape("." if "." in module else "_")
     best = -1
-    for match in re.finditer(rf"(?:^|(?<={sep}))(?:{pattern})(?={sep}|$)", module):
+    for match in finditer(rf"(?:^|(?<={sep}))(?:{pattern})(?={sep}|$)", module, "--rank-override"):
         best = max(best, match.end() - match.start())
     return best
 

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .adapters import Adapter, memory_adapter
-from .adapters.formats import output_metadata, write_adapter
+from .adapters.formats import SINGLE_FILE_FORMATS, output_metadata, sidecar_path, write_adapter
 from .errors import LoraLegoError
 from .finite import all_finite
 from .lowrank import rank_for_energy
@@ -23,6 +23,7 @@ from .msu import Factors, concat
 from .options import MergeOptions, make_options
 from .parallel import default_workers, intra_op_threads, ordered_map
 from .plan import MergePlan, ModulePlan, output_config, plan_merge
+from .safeio import refuse_overlap
 from .vllm import pad_rank
 
 __all__ = [
@@ -196,14 +197,16 @@ def merge(adapters: list[Adapter], options: MergeOptions | None = None, **overri
     return merged
 
 
-def _refuse_overlap(out: Path, adapters: list[Adapter]) -> None:
-    target = out.resolve()
-    for adapter in adapters:
-        if adapter.path is None:
-            continue
-        source = adapter.path.resolve()
-        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
-            raise LoraLegoError(f"{out}: output overlaps input {adapter.path}; choose another folder")
+def input_paths(adapters: list[Adapter]) -> list[Path]:
+    """The paths every write must keep clear of (checked file by file in :func:`safeio.refuse_overlap`)."""
+    return [adapter.path for adapter in adapters if adapter.path is not None]
+
+
+def _refuse_overlap(out: Path, adapters: list[Adapter], extra_files: dict[str, str] | None, fmt: str) -> None:
+    refuse_overlap(out, input_paths(adapters))
+    if fmt in SINGLE_FILE_FORMATS:  # the recipe copy goes beside a single-file output
+        for name in extra_files or {}:
+            refuse_overlap(sidecar_path(out, name), input_paths(adapters), "output file")
 
 
 def merge_to_folder(
@@ -234,7 +237,7 @@ def write_merged(
     written as they finish. ``command`` (what the user ran) goes into the model card; ``extra_files`` (e.g.
     the recipe) go inside a PEFT folder, beside a single file."""
     out = Path(out)
-    _refuse_overlap(out, plan.adapters)
+    _refuse_overlap(out, plan.adapters, extra_files, plan.output.format)
     write_adapter(
         plan.output.format,
         out,

@@ -16,7 +16,9 @@ option or parameter of the chosen method under the same name as in Python (the C
     parameters: {n_init: 8}
 
 It is validated by the same options model as the CLI and the Python API (one-line errors naming the key).
-Relative paths are relative to the recipe's folder, so a recipe means the same merge wherever it is run
+A recipe cannot set ``force`` (only ``loralego run --force`` can); it is read only if it is a regular file
+of at most 1 MiB, and its aliases may not expand it past 100 000 values. Relative paths are relative to the
+recipe's folder, so a recipe means the same merge wherever it is run
 from (a relative input that does not exist there is passed on as written, e.g. a model id). The recipe's
 text is copied into the output: ``recipe.yaml`` inside a PEFT folder, ``<stem>.recipe.yaml`` beside a
 single-file output.
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import LoraLegoError
 from .options import MergeOptions, make_options
+from .safeio import MAX_RECIPE_BYTES, read_text
 
 RECIPE_FILE = "recipe.yaml"
 _RECIPE_KEYS = ("inputs", "output", "report")
@@ -93,6 +96,29 @@ def _one_line(error: ValidationError) -> str:
     return f"{where}: {message}"
 
 
+# A recipe is a few dozen values; aliases may share them but not multiply them (a "billion laughs" recipe of
+# nine nested aliases expands to 10^9 values when validated).
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_DEPTH = 32
+
+
+def _check_size(data: Any, path: Path) -> None:
+    """Count values as if every alias were expanded (iteratively; stops at the first excess)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            raise LoraLegoError(f"{path}: more than {MAX_RECIPE_VALUES} values once its YAML aliases are expanded")
+        if depth > MAX_RECIPE_DEPTH:
+            raise LoraLegoError(f"{path}: nested more than {MAX_RECIPE_DEPTH} deep (or a recursive alias)")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for pair in item.items() for child in pair)
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, depth + 1) for child in item)
+
+
 def _options(
     path: Path, options: dict[str, Any], weights: list[float | None], overrides: list[dict[str, float] | None]
 ) -> MergeOptions:
@@ -116,6 +142,8 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     """Validate recipe ``text`` (read from ``path``) and resolve its paths."""
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise LoraLegoError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -123,6 +151,11 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         raise LoraLegoError(f"{path}: not valid YAML{where} ({problem})") from None
     if not isinstance(data, dict):
         raise LoraLegoError(f"{path}: a recipe is a YAML mapping with inputs, output and merge options")
+    _check_size(data, path)
+    if not all(isinstance(key, str) for key in data):
+        raise LoraLegoError(f"{path}: every key must be a string")
+    if "force" in data:  # replacing files is the user's decision at the command line, never the file's
+        raise LoraLegoError(f"{path}: force: not allowed in a recipe (give --force to loralego run)")
     own = {key: data[key] for key in _RECIPE_KEYS if key in data}
     options = {key: value for key, value in data.items() if key not in _RECIPE_KEYS}
     try:
@@ -146,9 +179,9 @@ def parse_recipe(text: str, path: Path) -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, MAX_RECIPE_BYTES, "the recipe")
     except FileNotFoundError:
         raise LoraLegoError(f"{path}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise LoraLegoError(f"{path}: cannot read the recipe: {getattr(error, 'strerror', None) or error}") from None
+    except OSError as error:
+        raise LoraLegoError(f"{path}: cannot read the recipe: {error.strerror or error}") from None
     return parse_recipe(text, path)

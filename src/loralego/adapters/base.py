@@ -58,10 +58,20 @@ UNSUPPORTED_FEATURES = {
 PEFT_ONLY_FEATURES = {"hada_w": "LoHa", "lokr_w": "LoKr"}
 
 
+def has_part(key: str, fragment: str) -> bool:
+    """Whether a tensor name has ``fragment`` at the start of one of its parts (after ``.`` or ``_``)."""
+    start = key.find(fragment)
+    while start >= 0:
+        if start == 0 or key[start - 1] in "._":
+            return True
+        start = key.find(fragment, start + 1)
+    return False
+
+
 def unsupported_feature(key: str, extra: dict[str, str] | None = None) -> str | None:
     """The name of the non-LoRA network a tensor belongs to, if its name says so."""
     for fragment, feature in {**UNSUPPORTED_FEATURES, **(extra or {})}.items():
-        if fragment in key:
+        if has_part(key, fragment):  # at the start of a name part: "..._soft_proj" is not OFT ("oft_")
             return feature
     if key.endswith((".diff", ".diff_b")):
         return "full weight differences (.diff)"

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from ..errors import LoraLegoError
+from ..patterns import PatternError, compile_pattern
+from ..safeio import parse_json
 from .names import component_of
-from .peft import pattern_value
+from .peft import _short, pattern_value
 from .singlefile import write_single_file
 
 FORMAT = "diffusers"
@@ -35,20 +37,44 @@ def metadata_configs(metadata: dict[str, str], path: Path) -> dict[str, dict[str
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise LoraLegoError(f"{path}: metadata {METADATA_KEY} is not valid JSON ({error.msg})") from None
+    where = f"{path}: metadata {METADATA_KEY}"
+    data = parse_json(raw, where)
     if not isinstance(data, dict):
-        raise LoraLegoError(f"{path}: metadata {METADATA_KEY} must be a JSON object")
+        raise LoraLegoError(f"{where} must be a JSON object")
     if any(key in data for key in _CONFIG_FIELDS):
-        return {"": data}
-    configs: dict[str, dict[str, Any]] = {}
-    for key, value in data.items():
-        component, _, field = key.partition(".")
-        if field:
-            configs.setdefault(component, {})[field] = value
+        configs = {"": data}
+    else:
+        configs = {}
+        for key, value in data.items():
+            component, _, field = key.partition(".")
+            if field:
+                configs.setdefault(component, {})[field] = value
+    for component, config in configs.items():
+        _check_metadata_config(config, f"{where}: {component + '.' if component else ''}")
     return configs
+
+
+def _check_metadata_config(config: dict[str, Any], where: str) -> None:
+    """The fields this reader uses, with strict types: ``use_rslora: "false"`` is a string, not false."""
+    for key in ("use_rslora", "use_dora"):
+        if key in config and not isinstance(config[key], (bool, type(None))):
+            raise LoraLegoError(f"{where}{key} must be true or false, got {_short(config[key])}")
+    alpha = config.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise LoraLegoError(f"{where}lora_alpha must be a number, got {_short(alpha)}")
+    for key in ("alpha_pattern", "rank_pattern"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise LoraLegoError(f"{where}{key} must map module patterns to numbers")
+        for pattern in value:
+            try:
+                compile_pattern(pattern)
+            except PatternError as error:
+                raise LoraLegoError(f"{where}{key}: {error}") from None
 
 
 def metadata_alpha(configs: dict[str, dict[str, Any]], module: str, path: Path) -> float | None:
@@ -61,7 +87,9 @@ def metadata_alpha(configs: dict[str, dict[str, Any]], module: str, path: Path) 
         config = configs[component]
     if "lora_alpha" not in config and not config.get("alpha_pattern"):
         return None
-    alpha = pattern_value(config.get("alpha_pattern") or {}, relative, config.get("lora_alpha"))
+    alpha = pattern_value(
+        config.get("alpha_pattern") or {}, relative, config.get("lora_alpha"), f"{path}: metadata {METADATA_KEY}"
+    )
     if alpha is None:
         return None
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha == 0 or alpha != alpha:

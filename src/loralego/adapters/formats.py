@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import LoraLegoError
+from ..safeio import check_destination
 from . import diffusers, hub, kohya
 from .base import Adapter
 from .peft import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, load_peft, write_peft_folder
@@ -179,8 +180,7 @@ def write_adapter(
         raise LoraLegoError(f"--format {fmt}: unknown format (choose from {', '.join(FORMATS)})")
     sidecars = {sidecar_path(out, file_name): text for file_name, text in (extra_files or {}).items()}
     for sidecar in sidecars:  # refuse before merging, not after
-        if sidecar.exists() and not force:
-            raise LoraLegoError(f"{sidecar}: output file already exists (use --force to replace it)")
+        check_destination(sidecar, folder=False, force=force, kind="yaml")
     write_single_file(
         out,
         fmt,
@@ -191,4 +191,4 @@ def write_adapter(
         alpha_metadata=diffusers.alpha_metadata if fmt == "diffusers" else None,
     )
     for sidecar, text in sidecars.items():
-        write_text_atomically(sidecar, text, force=True)
+        write_text_atomically(sidecar, text, force=force, kind="yaml")

@@ -24,7 +24,7 @@ def uses_rslora(metadata: dict[str, str]) -> bool:
     """LyCORIS records ``rs_lora`` in ``ss_network_args``; it makes the scale ``alpha / sqrt(r)``."""
     try:
         args = json.loads(metadata.get("ss_network_args") or "{}")
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # kohya's own metadata, advisory: unreadable means not set
         return False
     value = args.get("rs_lora") if isinstance(args, dict) else None
     return str(value).lower() in ("true", "1")

@@ -14,6 +14,9 @@ import torch
 
 from ..errors import LoraLegoError
 from ..finite import all_finite
+from ..patterns import PatternError, compile_pattern
+from ..patterns import fullmatch as bounded_fullmatch
+from ..safeio import MAX_CONFIG_BYTES, read_text, require_regular
 from .atomic import atomic_folder
 from .base import (
     PEFT_ONLY_FEATURES,
@@ -32,7 +35,7 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 # Config keys whose non-default values mean the adapter is not plain LoRA.
 _UNSUPPORTED_CONFIG: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -54,19 +57,23 @@ _UNSUPPORTED_CONFIG: list[tuple[str, Callable[[Any], bool], str]] = [
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, MAX_CONFIG_BYTES, "the config")
     except FileNotFoundError:
         raise LoraLegoError(f"{path}: missing (not a PEFT adapter folder)") from None
     except OSError as error:
         raise LoraLegoError(f"{path}: cannot read: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise LoraLegoError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except LoraLegoError as error:
+        if "found a folder" in str(error):  # keep the long-standing wording for a config that is a folder
+            raise LoraLegoError(f"{path}: cannot read: Is a directory") from None
+        raise
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
         raise LoraLegoError(f"{path}: not valid JSON ({error.msg}: line {error.lineno} column {error.colno})") from None
     except RecursionError:
         raise LoraLegoError(f"{path}: not a PEFT config (JSON nested too deeply)") from None
+    except ValueError as error:  # e.g. an integer with more digits than Python converts
+        raise LoraLegoError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise LoraLegoError(f"{path}: expected a JSON object")
     return config
@@ -96,9 +103,9 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
             raise LoraLegoError(f"{where}: key {key!r} must map module patterns to numbers")
         for pattern in value:  # PEFT treats the keys as regular expressions; a broken one matches nothing sane
             try:
-                re.compile(pattern)
-            except re.error as error:
-                raise LoraLegoError(f"{where}: key {key!r}: {pattern!r} is not a valid pattern ({error})") from None
+                compile_pattern(pattern)
+            except PatternError as error:
+                raise LoraLegoError(f"{where}: key {key!r}: {error}") from None
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
             raise LoraLegoError(f"{where}: key {key!r} must be true or false")
@@ -123,10 +130,11 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+def pattern_value(patterns: dict[str, Any], module: str, default: Any, where: str = "pattern") -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name
+    (matched with a time bound: the keys come from an untrusted file)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if bounded_fullmatch(rf"(?:.*\.)?(?:{key})", module, where):
             return value
     return default
 
@@ -165,8 +173,8 @@ def _one_line(error: BaseException) -> str:
 
 
 def _require_file(path: Path) -> None:
-    if path.is_dir():
-        raise LoraLegoError(f"{path}: expected a file, found a folder")
+    """Only regular files are handed to the parsers: a FIFO would block them, /dev/zero never ends."""
+    require_regular(path)
 
 
 # torch's weights-only errors are paragraphs that end in advice to load with weights_only=False; keep the fact.
@@ -195,6 +203,7 @@ def _parse_keys(keys: Iterable[str], path: Path) -> dict[str, dict[str, str]]:
         if feature is not None:
             raise LoraLegoError(f"{path}: tensor {key}: {feature} is not supported (only plain LoRA)")
     modules: dict[str, dict[str, str]] = {}
+    adapter_names: dict[str, str] = {}
     for key in keys:
         match = _FACTOR_KEY.match(key)
         if match is None:
@@ -211,6 +220,13 @@ def _parse_keys(keys: Iterable[str], path: Path) -> dict[str, dict[str, str]]:
         if match["which"] in slot:
             raise LoraLegoError(f"{path}: tensor {key}: module {module} has two lora_{match['which']} tensors")
         slot[match["which"]] = key
+        adapter = match["adapter"] or ""
+        named = adapter_names.setdefault(module, adapter)
+        if named != adapter:  # lora_A.default with lora_B.other: factors of two different adapters
+            raise LoraLegoError(
+                f"{path}: tensor {key}: module {module} pairs factors of different adapters "
+                f"({named or '(unnamed)'!s} and {adapter or '(unnamed)'!s})"
+            )
     return modules
 
 
@@ -254,12 +270,13 @@ def load_peft(folder: str | Path, name: str | None = None) -> Adapter:
             dtypes.add(dtype)
         check_factor_shapes(weights.path, module, a_shape, b_shape, ("lora_A", "lora_B"))
         rank = a_shape[0]
-        expected_rank = pattern_value(rank_pattern, module, config["r"])
+        where = folder / CONFIG_NAME
+        expected_rank = pattern_value(rank_pattern, module, config["r"], f"{where}: key 'rank_pattern'")
         if rank != expected_rank:
             raise LoraLegoError(
                 f"{weights.path}: tensor {keys['A']}: rank {rank} disagrees with the config's r = {expected_rank}"
             )
-        alpha = float(pattern_value(alpha_pattern, module, config["lora_alpha"]))
+        alpha = float(pattern_value(alpha_pattern, module, config["lora_alpha"], f"{where}: key 'alpha_pattern'"))
         if not math.isfinite(alpha) or alpha == 0:
             raise LoraLegoError(f"{folder / CONFIG_NAME}: lora_alpha of {module} must be a finite non-zero number")
         modules[module] = ModuleInfo(module, rank=rank, alpha=alpha, a_shape=a_shape, b_shape=b_shape)

@@ -123,8 +123,9 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        if path.is_dir():
-            raise LoraLegoError(f"{path}: expected a file, found a folder")
+        from ..safeio import require_regular
+
+        require_regular(path)  # a FIFO would block the parser, /dev/zero never ends
         try:
             entries, self.metadata, base = parse_header(path)
         except Exception as error:  # any failure to parse an untrusted file is a refusal, whatever its type

@@ -9,7 +9,6 @@ writes the header and the data into the final file. The format is the public saf
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -52,21 +51,33 @@ class SafetensorsStreamWriter:
         header.update(self._entries)
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            shutil.copyfileobj(data, out, 1 << 22)
-        os.remove(self._data_path)
+        try:
+            with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+                out.write(struct.pack("<Q", len(encoded)))
+                out.write(encoded)
+                shutil.copyfileobj(data, out, 1 << 22)
+        finally:
+            self._data_path.unlink(missing_ok=True)
 
     def abort(self) -> None:
-        self._data.close()
-        self._data_path.unlink(missing_ok=True)
+        """Remove the data file. Closing flushes, which fails again on a full disk: the unlink must not
+        depend on it (the atomic writer removes its temporary folder as well)."""
+        try:
+            self._data.close()
+        except OSError:
+            pass
+        finally:
+            self._data_path.unlink(missing_ok=True)
 
     def __enter__(self) -> SafetensorsStreamWriter:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()

@@ -2,19 +2,15 @@
 the reader (canonical module names from names.py, Flux's fused projections split, LoCon's lora_mid composed,
 LoHa / LoKr converted on request), the writer of every single-file layout, alphas and atomic file writes.
 
-A single-file output is written to a temporary file in the destination folder and renamed over the
-destination with ``os.replace`` at the end, so a reader never sees a half-written file, even on an error or
-Ctrl-C.
+A single-file output is written through :func:`loralego.safeio.atomic_file` (re-exported here): a temporary
+folder beside the destination, renamed into place at the end, so a reader never sees a half-written file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +19,7 @@ import torch
 from .. import convert
 from ..errors import LoraLegoError
 from ..finite import all_finite
+from ..safeio import atomic_file, write_text
 from . import names
 from .base import Adapter, ModuleInfo, check_factor_shapes, file_sha256, natural_key, unsupported_feature
 from .safetensors_read import FLOAT_DTYPES, SafetensorsFile
@@ -41,50 +38,9 @@ def require_safetensors_path(out: Path, fmt: str) -> None:
         raise LoraLegoError(f"{out}: a {fmt} output is one file; give --out a path ending in {SUFFIX}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(out: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success it replaces ``out`` (``os.replace``).
-
-    On any exception (KeyboardInterrupt included) the temporary file is removed and ``out`` is left as it
-    was. An existing ``out`` is refused unless ``force``; a folder at ``out`` is always refused.
-    """
-    out = Path(out)
-    if out.is_dir():
-        raise LoraLegoError(f"{out}: output path is a folder, expected a file")
-    if out.exists() and not force:
-        raise LoraLegoError(f"{out}: output file already exists (use --force to replace it)")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=parent)
-        os.close(handle)
-        os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the usual permissions
-    except OSError as error:
-        raise LoraLegoError(f"{out}: cannot create the output file: {error.strerror or error}") from None
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, out)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise LoraLegoError(f"{out}: writing the output failed: {error.strerror or error}") from None
-        raise
-
-
-def write_text_atomically(out: Path, text: str, *, force: bool = False) -> Path:
+def write_text_atomically(out: Path, text: str, *, force: bool = False, kind: str = "yaml") -> Path:
     """A small text file (a recipe copy, a report), written with the same all-or-nothing rule."""
-    with atomic_file(out, force=force) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return out
+    return write_text(out, text, force=force, kind=kind)
 
 
 # --- the one reader of single-file LoRAs (kohya, LyCORIS, diffusers, ai-toolkit) ---

@@ -33,7 +33,8 @@ class MethodParams(BaseModel):
     METHOD`` are all generated from these declarations.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: values from recipes and metadata keep their kind (rank: true, density: "0.3" are refused)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class NoParams(MethodParams):

@@ -14,7 +14,6 @@ from typing import Any
 
 from .. import __version__
 from ..adapters import Adapter, load
-from ..adapters.singlefile import write_text_atomically
 from ..diagnostics import (
     ModuleCheck,
     VerifyReport,
@@ -29,6 +28,7 @@ from ..msu import concat
 from ..overrides import module_weight
 from ..pipeline import recorded_options
 from ..plan import MergePlan
+from ..safeio import MAX_METADATA_VALUE_BYTES, check_destination, parse_json, refuse_overlap, write_text
 from .html import ReportPage, render
 from .plots import cluster_figures, metrics_figure, norms_figure
 from .stats import ModuleStats, ReportCollector, module_stats, report_norm
@@ -44,13 +44,20 @@ def figures_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def check_report_path(path: str | Path, force: bool) -> None:
-    """Refuse an existing report (or its JSON) before any work is done (the writes themselves are atomic)."""
-    for file in (Path(path), figures_path(path)):
+def check_report_path(
+    path: str | Path, force: bool, inputs: Sequence[str | Path] = (), output: str | Path | None = None
+) -> None:
+    """Refuse, before any work is done, a report path (or its JSON) that is an input or inside one (or the
+    merge's output), or an existing file that --force may not replace (the writes themselves are atomic)."""
+    for file, kind in ((Path(path), "html"), (figures_path(path), "json")):
         if file.is_dir():
             raise LoraLegoError(f"{file}: report path is a folder, expected a file")
-        if file.exists() and not force:
-            raise LoraLegoError(f"{file}: report file already exists (use --force to replace it)")
+        refuse_overlap(file, [*inputs, *([output] if output is not None else [])], "report")
+        try:
+            check_destination(file, folder=False, force=force, kind=kind)
+        except LoraLegoError as error:
+            text = str(error).replace("output file already exists", "report file already exists")
+            raise LoraLegoError(text) from None
 
 
 def _input_rows(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[dict[str, str]]:
@@ -99,8 +106,8 @@ def _render_to(
     norms = norms_figure(stats, norm)
     seconds = time.perf_counter() - start
     page.timings.append(("report rendering", seconds))
-    write_text_atomically(figures_path(path), json.dumps(figures, indent=2) + "\n", force=force)
-    write_text_atomically(path, render(page, stats, metrics, clusters, norms, cluster_note), force=force)
+    write_text(figures_path(path), json.dumps(figures, indent=2) + "\n", force=force, kind="json")
+    write_text(path, render(page, stats, metrics, clusters, norms, cluster_note), force=force, kind="html")
     return seconds
 
 
@@ -152,10 +159,10 @@ def report_existing(
     recorded for them (else 1). Only the files are read: nothing is re-run, so there are no cluster heat maps
     (``loralego merge --report`` has them, from the merge itself)."""
     out = Path(out)
-    check_report_path(out, force)
     start = time.perf_counter()
     merged = load(merged_spec)
     inputs = [load(spec) for spec in input_specs]
+    check_report_path(out, force, [a.path for a in (merged, *inputs) if a.path is not None])
     notes: list[str] = []
     weights = recorded_weights(merged, inputs)
     if weights is None:
@@ -167,11 +174,16 @@ def report_existing(
     overrides = recorded_weight_overrides(merged, inputs)
     recorded = merged.metadata.get("loralego.options")
     norm = "inf"
-    try:
-        parameters = json.loads(recorded).get("parameters", {}) if recorded else {}
+    where = f"{merged.path or merged.name}: metadata loralego.options"
+    if recorded is not None and len(recorded) > MAX_METADATA_VALUE_BYTES:
+        raise LoraLegoError(f"{where}: more than {MAX_METADATA_VALUE_BYTES} bytes")
+    # Read back like any input: bounded nesting, one-line refusal; a readable record of another shape is a note.
+    options = parse_json(recorded, where) if recorded else {}
+    parameters = options.get("parameters", {}) if isinstance(options, dict) else None
+    if isinstance(parameters, dict):
         if parameters.get("norm") in ("inf", "2"):
             norm = parameters["norm"]
-    except (ValueError, AttributeError):
+    else:
         notes.append("The merge options recorded in the metadata could not be read.")
     stats: list[ModuleStats] = []
     checks: list[ModuleCheck] = []
