@@ -1,0 +1,42 @@
+"""The cheaper exact routes (issue 16): thin SVD from Gram matrices, k-means from factor Gram matrices."""
+
+from __future__ import annotations
+
+import torch
+
+from loralego import lowrank
+
+
+def _best_rank_k(lora_a: torch.Tensor, lora_b: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(lora_b.double() @ lora_a.double(), full_matrices=False)
+    return u[:, :k] * s[:k] @ vh[:k]
+
+
+def test_gram_route_matches_qr_route_and_dense_svd() -> None:
+    generator = torch.Generator().manual_seed(0)
+    lora_a = torch.randn(24, 70, generator=generator)
+    lora_b = torch.randn(90, 24, generator=generator) * 0.01
+    assert lowrank._gram_split(lora_a, lora_b) is not None  # well conditioned: the Gram route is taken
+    gram = torch.linalg.svdvals(lowrank._gram_split(lora_a, lora_b).core)
+    qr = torch.linalg.svdvals(lowrank._qr_split(lora_a, lora_b).core)
+    assert torch.allclose(gram, qr, rtol=1e-10, atol=0.0)
+    u, s, vh = lowrank.thin_svd(lora_a, lora_b, 6)
+    assert u.shape == (90, 6) and vh.shape == (6, 70) and s.shape == (24,)
+    assert torch.allclose(u.T @ u, torch.eye(6), atol=1e-5)
+    assert torch.allclose(vh @ vh.T, torch.eye(6), atol=1e-5)
+    best = _best_rank_k(lora_a, lora_b, 6)
+    assert float((u.double() * s[:6].double() @ vh.double() - best).norm() / best.norm()) < 1e-6
+
+
+def test_singular_stacks_fall_back_to_qr_and_stay_exact() -> None:
+    generator = torch.Generator().manual_seed(1)
+    half = torch.randn(5, 40, generator=generator)
+    lora_a = torch.cat([half, half])  # the same adapter twice: a singular Gram matrix
+    lora_b = torch.randn(30, 10, generator=generator)
+    assert lowrank._gram_split(lora_a, lora_b) is None
+    new_a, new_b = lowrank.truncate(lora_a, lora_b, 3)
+    best = _best_rank_k(lora_a, lora_b, 3)
+    assert float((new_b.double() @ new_a.double() - best).norm() / best.norm()) < 1e-6
+    zero_b = torch.zeros(30, 10)  # a zero update: QR route, zero result
+    assert lowrank._gram_split(lora_a, zero_b) is None
+    assert float(torch.stack([t.abs().max() for t in lowrank.truncate(lora_a, zero_b, 2)]).max()) == 0.0
