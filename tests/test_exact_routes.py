@@ -40,3 +40,50 @@ def test_singular_stacks_fall_back_to_qr_and_stay_exact() -> None:
     zero_b = torch.zeros(30, 10)  # a zero update: QR route, zero result
     assert lowrank._gram_split(lora_a, zero_b) is None
     assert float(torch.stack([t.abs().max() for t in lowrank.truncate(lora_a, zero_b, 2)]).max()) == 0.0
+
+
+def _stream(path, names, count: int = 40):
+    from loralego.adapters.safetensors_stream import SafetensorsStreamWriter
+
+    generator = torch.Generator().manual_seed(2)
+    tensors = {f"model.layers.{i}.proj.lora_A.weight": torch.randn(3, 5 + i, generator=generator) for i in range(count)}
+    tensors["scalar.alpha"] = torch.tensor(4.0)
+    with SafetensorsStreamWriter(path, {"format": "pt", "k": "v" * 100}, names) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor.bfloat16() if name.endswith("3.proj.lora_A.weight") else tensor)
+    return tensors, writer
+
+
+def test_stream_writer_writes_each_byte_once_and_loads(tmp_path) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "out.safetensors"
+    names = [f"model.layers.{i}.proj.lora_A.weight" for i in range(40)] + ["scalar.alpha"]
+    tensors, writer = _stream(path, list(reversed(names)))
+    assert writer.bytes_written == path.stat().st_size  # nothing written twice
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt", "k": "v" * 100}
+        for name, tensor in tensors.items():
+            assert torch.equal(
+                handle.get_tensor(name).float(),
+                tensor.bfloat16().float() if "3.proj" in name and name.endswith("3.proj.lora_A.weight") else tensor,
+            )
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_length % 8 == 0
+
+
+def test_stream_writer_header_past_its_guess_moves_the_data(tmp_path, monkeypatch) -> None:
+    from safetensors import safe_open
+
+    from loralego.adapters import safetensors_stream
+
+    monkeypatch.setattr(safetensors_stream, "_GUESS", 16)
+    monkeypatch.setattr(safetensors_stream, "_MOVE_CHUNK", 64)  # several chunks, moved last first
+    path = tmp_path / "out.safetensors"
+    tensors, writer = _stream(path, None)
+    assert writer.bytes_written > path.stat().st_size  # the data was moved once
+    with safe_open(str(path), framework="pt") as handle:
+        assert torch.equal(
+            handle.get_tensor("model.layers.39.proj.lora_A.weight"), tensors["model.layers.39.proj.lora_A.weight"]
+        )
+        assert float(handle.get_tensor("scalar.alpha")) == 4.0

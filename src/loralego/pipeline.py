@@ -340,5 +340,6 @@ def merge_to_folder(
         card=model_card(plan, command) if plan.out_format == "peft" else None,
         extra_files=extra_files,
         target=plan.options.target,
+        modules=plan.modules,
     )
     return plan

@@ -219,6 +219,7 @@ def write_vllm_folder(
             force=force,
             card=card,
             extra_files=extra_files,
+            modules=list(ranks),
         )
         return rank
     finally:

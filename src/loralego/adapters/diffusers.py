@@ -151,6 +151,7 @@ def write_diffusers_file(
     alphas: Mapping[str, float] | None = None,
     metadata: dict[str, str] | None = None,
     force: bool = False,
+    modules: list[str] | None = None,
 ) -> Path:
     """Write ``(module, A, B)`` as a diffusers-style file, atomically, streaming.
 
@@ -160,7 +161,10 @@ def write_diffusers_file(
     """
     out = Path(out)
     require_safetensors_path(out, FORMAT)
-    with atomic_file(out, force=force) as tmp, SafetensorsStreamWriter(tmp, metadata) as writer:
+    names = (
+        None if modules is None else [f"{m}.{x}" for m in modules for x in ("lora_A.weight", "lora_B.weight", "alpha")]
+    )
+    with atomic_file(out, force=force) as tmp, SafetensorsStreamWriter(tmp, metadata, names) as writer:
         for module, lora_a, lora_b in tensors:
             alpha = (alphas or {}).get(module, float(lora_a.shape[0]))
             writer.add(f"{module}.lora_A.weight", lora_a)

@@ -159,12 +159,14 @@ def write_adapter(
     alphas: dict[str, float] | None = None,
     extra_files: dict[str, str] | None = None,
     target: str | None = None,
+    modules: list[str] | None = None,
 ) -> int | None:
     """Write an adapter in ``fmt``, atomically; returns the ``--max-lora-rank`` for ``target="vllm"``.
 
     PEFT folders hold ``extra_files`` inside; single files get them beside (``<stem>.<file name>``). A PEFT
     output always has scale 1 per module (``lora_alpha = r``), which is what merges produce; ``alphas``
-    (single-file formats only) keep other scales, e.g. when re-saving a loaded adapter.
+    (single-file formats only) keep other scales, e.g. when re-saving a loaded adapter. ``modules``: the modules
+    ``tensors`` will yield, when known (the header's space is then reserved exactly, see safetensors_stream).
     """
     out = Path(out)
     if target == "vllm":
@@ -174,10 +176,17 @@ def write_adapter(
             raise ValueError("target vllm needs the config as a function of the module ranks")
         return write_vllm_folder(
             out, tensors=tensors, config=config, metadata=metadata, force=force, card=card, extra_files=extra_files
-        )
+        )  # vllm rewrites the padded tensors through write_peft_folder with their modules
     if fmt == "peft":
         write_peft_folder(
-            out, tensors=tensors, config=config, metadata=metadata, force=force, card=card, extra_files=extra_files
+            out,
+            tensors=tensors,
+            config=config,
+            metadata=metadata,
+            force=force,
+            card=card,
+            extra_files=extra_files,
+            modules=modules,
         )
         return None
     if fmt not in SINGLE_FILE_FORMATS:
@@ -187,7 +196,7 @@ def write_adapter(
         if sidecar.exists() and not force:
             raise LoraLegoError(f"{sidecar}: output file already exists (use --force to replace it)")
     writer = write_kohya_file if fmt == "kohya" else write_diffusers_file
-    writer(out, tensors=tensors, alphas=alphas, metadata=metadata, force=force)
+    writer(out, tensors=tensors, alphas=alphas, metadata=metadata, force=force, modules=modules)
     for sidecar, text in sidecars.items():
         write_text_atomically(sidecar, text, force=True)
     return None

@@ -100,12 +100,18 @@ def write_kohya_file(
     alphas: Mapping[str, float] | None = None,
     metadata: dict[str, str] | None = None,
     force: bool = False,
+    modules: list[str] | None = None,
 ) -> Path:
     """Write ``(module, A, B)`` as a kohya file, atomically, streaming. ``alphas`` default to the rank
     (scale 1, what a merge produces); every module gets an explicit ``alpha`` so no loader has to guess."""
     out = Path(out)
     require_safetensors_path(out, FORMAT)
-    with atomic_file(out, force=force) as tmp, SafetensorsStreamWriter(tmp, metadata) as writer:
+    names = (
+        None
+        if modules is None
+        else [f"{m}.{x}" for m in modules for x in ("lora_down.weight", "lora_up.weight", "alpha")]
+    )
+    with atomic_file(out, force=force) as tmp, SafetensorsStreamWriter(tmp, metadata, names) as writer:
         for module, lora_a, lora_b in tensors:
             alpha = (alphas or {}).get(module, float(lora_a.shape[0]))
             writer.add(f"{module}.lora_down.weight", lora_a)
