@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from loralego import lowrank
@@ -87,3 +88,49 @@ def test_stream_writer_header_past_its_guess_moves_the_data(tmp_path, monkeypatc
             handle.get_tensor("model.layers.39.proj.lora_A.weight"), tensors["model.layers.39.proj.lora_A.weight"]
         )
         assert float(handle.get_tensor("scalar.alpha")) == 4.0
+
+
+def test_output_file_bytes_do_not_depend_on_the_worker_count(mixed_adapters, tmp_path) -> None:
+    import loralego
+    from loralego.pipeline import merge_to_folder
+
+    adapters = [loralego.load(path) for path in mixed_adapters]
+    previous = torch.get_num_threads()
+    written = {}
+    try:
+        for workers in (1, 2, 3):
+            torch.set_num_threads(workers)  # the default worker count (reader thread included)
+            for method in ("lego+", "svd"):
+                out = tmp_path / f"{method}-{workers}"
+                merge_to_folder(adapters, out, method=method, rank=4, command="test")
+                written[method, workers] = (out / "adapter_model.safetensors").read_bytes()
+    finally:
+        torch.set_num_threads(previous)
+    for method in ("lego+", "svd"):
+        assert written[method, 1] == written[method, 2] == written[method, 3]
+
+
+def test_prefetch_reads_ahead_boundedly_and_raises_in_order() -> None:
+    from loralego.parallel import prefetch
+
+    produced: list[int] = []
+
+    def items():
+        for i in range(10):
+            if i == 6:
+                raise ValueError("item 6")
+            produced.append(i)
+            yield i
+
+    stream = prefetch(items(), depth=2)
+    assert next(stream) == 0
+    import time
+
+    time.sleep(0.2)
+    assert max(produced) <= 3  # 1 taken, 2 queued, 1 waiting to be queued
+    assert [next(stream) for _ in range(5)] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="item 6"):
+        next(stream)
+    early = prefetch(iter(range(100)), depth=1)
+    assert next(early) == 0
+    early.close()  # a consumer that stops early stops the producer

@@ -26,7 +26,7 @@ from .methods import MergeMethod, ModuleJob, ModuleResult, get_method
 from .msu import Factors, concat
 from .options import MergeOptions, make_options
 from .overrides import override_for, unused_patterns
-from .parallel import default_workers, intra_op_threads, ordered_map
+from .parallel import default_workers, intra_op_threads, ordered_map, prefetch
 from .vllm import pad_all
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -164,12 +164,20 @@ def module_rank(plan: MergePlan, module: str, factors: list[Factors] | None = No
     return rank
 
 
-def merge_module(plan: MergePlan, module: str) -> ModuleResult:
-    """Read, fold and merge one module; only this module's factors are in memory."""
+def read_module(plan: MergePlan, module: str) -> list[Factors]:
+    """Read and fold one module's factors from every input that has it (in input order), checked."""
     indices = [j for j, adapter in enumerate(plan.adapters) if module in adapter.modules]
     factors = [plan.adapters[j].folded(module, plan.weights[j], plan.device) for j in indices]
     for j, pair in zip(indices, factors, strict=True):
         _check_folded(plan.adapters[j], module, pair)
+    return factors
+
+
+def merge_module(plan: MergePlan, module: str, factors: list[Factors] | None = None) -> ModuleResult:
+    """Merge one module (reading it first unless its ``factors`` are given); only this module is in memory."""
+    if factors is None:
+        factors = read_module(plan, module)
+    indices = [j for j, adapter in enumerate(plan.adapters) if module in adapter.modules]
     job = ModuleJob(
         module=module,
         factors=factors,
@@ -207,11 +215,14 @@ def iter_merged(
     """Yield ``(module, A, B)`` in the output dtype and stored shape, in module order.
 
     On the CPU, ``workers`` modules (default: torch's thread count) are merged at once, each on one thread
-    (see :mod:`loralego.parallel`); memory holds at most ``workers + 1`` modules' pools.
+    (see :mod:`loralego.parallel`), while a reader thread reads up to ``workers + 1`` modules ahead; memory
+    holds at most ``2 workers + 2`` modules' pools.
     """
     workers = default_workers(plan.device) if workers is None else max(1, workers)
     with intra_op_threads(1) if workers > 1 else contextlib.nullcontext():
-        merged = ordered_map(lambda module: merge_module(plan, module), plan.modules, workers)
+        # A reader thread keeps the next modules read (at most workers + 1 ahead), so reading overlaps compute.
+        reads = prefetch(((module, read_module(plan, module)) for module in plan.modules), depth=workers + 1)
+        merged = ordered_map(lambda item: merge_module(plan, *item), reads, workers)
         for module, result in zip(plan.modules, merged, strict=True):
             if on_module is not None:
                 on_module(module, result)
