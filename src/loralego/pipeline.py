@@ -220,9 +220,14 @@ def iter_merged(
     """
     workers = default_workers(plan.device) if workers is None else max(1, workers)
     with intra_op_threads(1) if workers > 1 else contextlib.nullcontext():
-        # A reader thread keeps the next modules read (at most workers + 1 ahead), so reading overlaps compute.
-        reads = prefetch(((module, read_module(plan, module)) for module in plan.modules), depth=workers + 1)
-        merged = ordered_map(lambda item: merge_module(plan, *item), reads, workers)
+        if plan.options.executor == "ray":  # the same jobs as Ray tasks (ray_executor.py)
+            from .ray_executor import ray_merged
+
+            merged = ray_merged(plan, plan.options.ray_address)
+        else:
+            # A reader thread keeps the next modules read (at most workers + 1 ahead): reading overlaps compute.
+            reads = prefetch(((module, read_module(plan, module)) for module in plan.modules), depth=workers + 1)
+            merged = ordered_map(lambda item: merge_module(plan, *item), reads, workers)
         for module, result in zip(plan.modules, merged, strict=True):
             if on_module is not None:
                 on_module(module, result)
@@ -242,9 +247,14 @@ def target_modules(adapters: list[Adapter], modules: list[str]) -> list[str]:
     return list(modules)
 
 
+# Options that say how a merge runs, not what it computes: left out of the output's record, so the bytes do
+# not depend on them (--executor ray gives the local executor's bytes).
+_NOT_RECORDED = {"force", "executor", "ray_address"}
+
+
 def provenance(plan: MergePlan) -> dict[str, str]:
     """Safetensors metadata recording how the output was made (strings only, deterministic)."""
-    options = plan.options.model_dump(mode="json", exclude={"force"})
+    options = plan.options.model_dump(mode="json", exclude=_NOT_RECORDED)
     inputs = [
         {"name": a.name, "sha256": a.sha256, "weight": w} for a, w in zip(plan.adapters, plan.weights, strict=True)
     ]
@@ -276,7 +286,7 @@ def model_card(plan: MergePlan, command: str | None) -> str:
         "Options:",
         "",
         "```json",
-        json.dumps(plan.options.model_dump(mode="json", exclude={"force"}), indent=2, sort_keys=True),
+        json.dumps(plan.options.model_dump(mode="json", exclude=_NOT_RECORDED), indent=2, sort_keys=True),
         "```",
         "",
     ]
