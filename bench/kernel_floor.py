@@ -66,9 +66,9 @@ def main() -> None:
             lora_a = torch.randn(pool, d_in, generator=generator)
             lora_b = torch.randn(d_out, pool, generator=generator)
             kernels = {
-                "gram32": lambda: (lora_a @ lora_a.T, lora_b.T @ lora_b),
-                "svd": lambda: thin_svd(lora_a, lora_b, opts.k),
-                "cat": lambda: torch.cat([lora_a, lora_b.T], 1).bfloat16(),
+                "gram32": lambda a=lora_a, b=lora_b: (a @ a.T, b.T @ b),
+                "svd": lambda a=lora_a, b=lora_b: thin_svd(a, b, opts.k),
+                "cat": lambda a=lora_a, b=lora_b: torch.cat([a, b.T], 1).bfloat16(),
             }
             for name in opts.kernels:
                 seconds = best_of(kernels[name], opts.repeats)
