@@ -88,7 +88,11 @@ def run_case(name: str, workdir: Path) -> str:
     import loralego
     from loralego.pipeline import merge_to_folder
 
+    sys.path.insert(0, str(ROOT / "bench" / "quality"))
+    from variants import route  # registers the experimental methods of the research sweep
+
     inputs, options = CASES[name]
+    options = route(options)
     adapters = [loralego.load(EXAMPLES / item) for item in inputs]
     out = workdir / name
     if options.get("format") in ("kohya", "diffusers"):

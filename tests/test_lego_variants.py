@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from helpers import assert_updates_close, dense_updates, summed_updates
 
 import loralego
 from loralego.lowrank import frobenius_norm_sq, truncate
-from loralego.methods.lego import (
+from loralego.methods.lego import balance_gauge, directions, least_squares_scale
+from loralego.msu import from_units
+
+# The variants that lost live with the evaluation (bench/quality/variants.py), which registers lego_x.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "quality"))
+from variants import (
     adapters_per_cluster,
     balance_adapters,
-    balance_gauge,
-    directions,
-    ensemble_scale,
     rank1_representatives,
     ties_representatives,
 )
-from loralego.msu import from_units
 
 
 def _units(n: int = 12, d_in: int = 9, d_out: int = 7, seed: int = 0) -> torch.Tensor:
@@ -79,7 +83,7 @@ def test_rank1_representatives_on_duplicated_adapter_sum_or_average(adapter_fact
     # itself (rank1_mean: TIES' disjoint mean in rank space).
     path = adapter_factory(r=4, alpha=8, seed=11)
     adapters = [loralego.load(path, name="a"), loralego.load(path, name="b")]
-    options = {"method": "lego", "rank": 4, "n_init": 8, "gauge": "balanced", "cluster_on": "directions"}
+    options = {"method": "lego_x", "rank": 4, "n_init": 8, "gauge": "balanced", "cluster_on": "directions"}
     summed = loralego.merge(adapters, representative="rank1", **options)
     assert_updates_close(dense_updates(summed), summed_updates(adapters), rtol=1e-4, atol=1e-5)
     averaged = loralego.merge(adapters, representative="rank1_mean", **options)
@@ -97,19 +101,19 @@ def _dense(factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 def test_least_squares_scale_is_the_best_single_factor():
     ensemble, merged = _factors(6, 1), _factors(2, 2)
-    gamma = ensemble_scale(merged, ensemble, "least_squares")
+    gamma = least_squares_scale(merged, ensemble)
 
     def error(g: float) -> float:
         return float(torch.linalg.matrix_norm(g * _dense(merged) - _dense(ensemble)))
 
     assert error(gamma) < min(error(gamma * 1.01), error(gamma * 0.99))
     # A truncated SVD is an orthogonal projection of the ensemble: its best factor is exactly 1.
-    assert abs(ensemble_scale(truncate(*ensemble, 3), ensemble, "least_squares") - 1.0) < 1e-5
+    assert abs(least_squares_scale(truncate(*ensemble, 3), ensemble) - 1.0) < 1e-5
 
 
 def test_match_norm_scale_gives_the_ensemble_norm(mixed_adapters):
     adapters = [loralego.load(path) for path in mixed_adapters]
-    merged = loralego.merge(adapters, method="lego", rank=3, output_scale="match_norm")
+    merged = loralego.merge(adapters, method="lego_x", rank=3, output_scale="match_norm")
     target = summed_updates(adapters)
     for module, update in dense_updates(merged).items():
         torch.testing.assert_close(torch.linalg.matrix_norm(update), torch.linalg.matrix_norm(target[module]),
@@ -154,7 +158,7 @@ def test_variant_options_on_lego_match_lego_plus(mixed_adapters):
     adapters = [loralego.load(path) for path in mixed_adapters]
     plus = loralego.merge(adapters, method="lego+", rank=6, seed=4)
     spelled = loralego.merge(
-        adapters, method="lego", rank=6, seed=4, gauge="balanced", cluster_on="directions",
+        adapters, method="lego_x", rank=6, seed=4, gauge="balanced", cluster_on="directions",
         output_scale="least_squares", weights=[1 / 3] * 3,
     )
     for module in plus.modules:

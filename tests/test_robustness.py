@@ -566,7 +566,7 @@ def test_different_base_models_refused_then_warned_with_force(request, capsys, i
         ({"weights": [1.0, 2.0, 3.0]}, "--weights: got 3 weights for 2 adapters"),
         ({"weights": [1.0, float("nan")]}, "option weights: must be finite numbers"),
         ({"method": "linear"}, "method linear needs equal ranks"),
-        ({"density": 0}, "option density: must be in (0, 1]"),
+        ({"method": "ties", "density": 0}, "option density: must be in (0, 1]"),
     ],
     ids=["rank0", "rank-negative", "weights-short", "weights-long", "weights-nan", "linear-mixed-ranks", "density"],
 )

@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from tasks import IN_DOMAIN, OUT_OF_DOMAIN  # noqa: E402
+from variants import route  # noqa: E402  (registers the sweep's experimental methods)
 
 import loralego  # noqa: E402
 
@@ -278,7 +279,7 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int, device: str =
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             # Merges always on the CPU: same bytes whatever device scores them.
-            merged = loralego.merge(inputs, device="cpu", **item.options)
+            merged = loralego.merge(inputs, device="cpu", **route(item.options))
             merged.save(Path(tmp) / "merged")
             merge_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from evaluate import RESULTS, VARIANTS, adapter_paths  # noqa: E402
+from variants import route  # noqa: E402
 
 import loralego  # noqa: E402
 from loralego.diagnostics import verify  # noqa: E402
@@ -57,7 +58,7 @@ def main() -> None:
         for name, options in merges(len(inputs)).items():
             if options["method"] == "linear" and adapter_set == "hetero":
                 continue  # equal ranks only
-            merged = loralego.merge(inputs, device="cpu", **options)
+            merged = loralego.merge(inputs, device="cpu", **route(options))
             out[adapter_set][name] = fidelity(merged, inputs)
             row = out[adapter_set][name]
             print(f"{adapter_set:8s} {name:24s} rel.err^2 {row['rel_error_sq']:.3f}  norm {row['norm_ratio']:.3f}")

@@ -1,4 +1,5 @@
-"""The ``loralego`` command. Merge flags are generated from :class:`MergeOptions`, defined once there."""
+"""The ``loralego`` command. Merge flags are generated from :class:`MergeOptions` and the methods' declared
+parameters, defined once there."""
 
 from __future__ import annotations
 
@@ -6,18 +7,24 @@ import argparse
 import json
 import shlex
 import sys
+import time
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from pydantic.fields import FieldInfo
 
 from . import __version__
 from .adapters import load
-from .commands import execute_merge
 from .diagnostics import format_report, verify, write_json
 from .errors import LoraLegoError, one_line
-from .methods import METHODS
-from .options import MergeOptions, make_options
-from .recipe import load_recipe
+from .methods import METHODS, get_method
+from .options import COMMON_OPTIONS, MergeOptions, make_options
+from .pipeline import write_merged
+from .plan import MergePlan, plan_merge
+from .progress import Progress, peak_rss_mb
+from .recipe import RECIPE_FILE, load_recipe
 
 _ADAPTER_HELP = (
     "a PEFT adapter folder, a kohya or diffusers .safetensors LoRA file, or a Hugging Face model id already "
@@ -33,44 +40,77 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_option_flags(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
-    """One flag per MergeOptions field: ``--no-x`` for switches that default on, ``--x`` for those off."""
-    for name, field in MergeOptions.model_fields.items():
-        if fields is not None and name not in fields:
-            continue
+def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo, help_text: str) -> None:
+    """One flag for one declared field: ``--no-x`` for switches that default on, ``--x`` for those off."""
+    annotation = field.annotation
+    if annotation is bool:
+        flag, action = (_flag("no_" + name), "store_false") if field.default else (_flag(name), "store_true")
+        parser.add_argument(flag, dest=name, action=action, default=None, help=help_text)
+        return
+    kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+    args = typing.get_args(annotation)
+    literal = [a for a in args if typing.get_origin(a) is typing.Literal]  # Optional[Literal[...]]
+    if literal:
+        annotation, args = literal[0], typing.get_args(literal[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        kwargs["choices"] = list(args)
+    else:
+        inner = [a for a in args if a is not type(None)] or [annotation]
+        kwargs["type"] = inner[0]
+    parser.add_argument(_flag(name), **kwargs)
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per common option and per method parameter (each parameter once, naming its methods)."""
+    for name in COMMON_OPTIONS:
+        field = MergeOptions.model_fields[name]
         help_text = field.description or ""
-        annotation = field.annotation
-        if annotation is bool:
-            if field.default:
-                parser.add_argument(_flag("no_" + name), dest=name, action="store_false", default=None, help=help_text)
-            else:
-                parser.add_argument(_flag(name), dest=name, action="store_true", default=None, help=help_text)
-            continue
         if name == "rank_overrides":  # a mapping, given as repeated PATTERN=K (parsed by MergeOptions)
             parser.add_argument(
                 "--rank-override", dest=name, action="append", default=None, metavar="PATTERN=K", help=help_text
             )
-            continue
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"{help_text} (default: {field.default})"}
-        args = typing.get_args(annotation)
-        literal = [a for a in args if typing.get_origin(a) is typing.Literal]  # Optional[Literal[...]]
-        if literal:
-            annotation, args = literal[0], typing.get_args(literal[0])
-        if typing.get_origin(annotation) is typing.Literal:
-            kwargs["choices"] = list(args)
         elif name == "weights":
-            kwargs.update(nargs="+", type=float, metavar="W")
+            parser.add_argument(_flag(name), dest=name, nargs="+", type=float, metavar="W", help=help_text)
         elif name == "method":
-            kwargs["choices"] = sorted(METHODS)
+            parser.add_argument(_flag(name), dest=name, default=None, choices=sorted(METHODS), help=help_text)
         else:
-            inner = [a for a in args if a is not type(None)] or [annotation]
-            kwargs["type"] = inner[0]
-        parser.add_argument(_flag(name), **kwargs)
+            _add_field_flag(parser, name, field, f"{help_text} (default: {field.default})")
+    group = parser.add_argument_group("method parameters", "each taken by the methods named; see `loralego methods M`")
+    for name, (field, owners) in method_parameter_fields().items():
+        defaults = {str(METHODS[m].params.model_fields[name].default) for m in owners}
+        default = defaults.pop() if len(defaults) == 1 else "per method"
+        _add_field_flag(group, name, field, f"{field.description} ({', '.join(owners)}; default: {default})")
+
+
+def method_parameter_fields() -> dict[str, tuple[FieldInfo, list[str]]]:
+    """Every declared method parameter, once, with the methods that take it (sorted by parameter name)."""
+    fields: dict[str, tuple[FieldInfo, list[str]]] = {}
+    for method_name, method in sorted(METHODS.items()):
+        for name, field in method.params.model_fields.items():
+            fields.setdefault(name, (field, []))[1].append(method_name)
+    return dict(sorted(fields.items()))
 
 
 def options_from_args(args: argparse.Namespace) -> MergeOptions:
-    given = {name: getattr(args, name) for name in MergeOptions.model_fields if getattr(args, name, None) is not None}
+    """The options the command line gave: unset flags are left to the defaults (of the chosen method)."""
+    names = {*COMMON_OPTIONS, *method_parameter_fields()}
+    given = {name: value for name, value in vars(args).items() if value is not None and name in names}
     return make_options(None, **given)
+
+
+def describe_method(name: str) -> str:
+    """``loralego methods NAME``: the method's summary and each of its parameters."""
+    method = get_method(name)
+    lines = [f"{method.name}: {method.summary}"]
+    if method.average_by_default:
+        lines.append("  weights: 1/n each unless --weights is given")
+    lines.append("parameters:" if method.params.model_fields else "parameters: none")
+    for field_name, field in method.params.model_fields.items():
+        flag = _flag(field_name)
+        if field.annotation is bool and field.default:
+            flag = _flag("no_" + field_name)
+        lines.append(f"  {flag:<20} {field.description} (default: {field.default})")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapters", nargs="+", metavar="ADAPTER", help=_ADAPTER_HELP)
     inspect.add_argument("--json", action="store_true", help="print JSON")
 
-    commands.add_parser("methods", help="list the merge methods")
+    methods = commands.add_parser("methods", help="list the merge methods, or describe one", add_help=False)
+    methods.add_argument("name", nargs="?", metavar="METHOD", help="a method to describe, with its parameters")
+    methods.add_argument("-h", "--help", action="store_true", help="describe METHOD (or list all)")
 
     verify = commands.add_parser("verify", help="how far a merged adapter is from the exact weighted sum")
     verify.add_argument("merged", metavar="MERGED", help="the merged adapter")
@@ -143,6 +185,67 @@ def _print_inspect(adapters: list[str], as_json: bool) -> None:
             if isinstance(value, list):
                 value = ", ".join(str(v) for v in value)
             print(f"  {key:<13}{one_line(str(value))}")
+
+
+def execute_merge(
+    inputs: Sequence[str],
+    out: str | Path,
+    options: MergeOptions,
+    *,
+    command: str,
+    report: str | Path | None = None,
+    recipe_text: str | None = None,
+    quiet: bool = False,
+) -> MergePlan:
+    """Load, plan, merge, write (and report); print what was done unless ``quiet``. One code path for
+    ``loralego merge`` and ``loralego run``: the same inputs and options give the same bytes either way."""
+    if report is not None:
+        from .report import check_report_path
+
+        check_report_path(report, options.force)
+    started = time.perf_counter()
+    plan = plan_merge([load(path) for path in inputs], options)
+    collector = None
+    if report is not None:
+        from .report import ReportCollector
+
+        collector = ReportCollector(plan)
+    progress = None if quiet else Progress(len(plan.modules))
+    callbacks = [c for c in (collector.on_module if collector is not None else None, progress) if c is not None]
+    start = time.perf_counter()
+    try:
+        write_merged(
+            plan,
+            out,
+            command=command,
+            on_module=(lambda *module: [c(*module) for c in callbacks]) if callbacks else None,
+            extra_files={RECIPE_FILE: recipe_text} if recipe_text is not None else None,
+        )
+    finally:  # end the progress line before any error or summary is printed
+        if progress is not None:
+            progress.close()
+    seconds = time.perf_counter() - start
+    for warning in plan.warnings:
+        print(f"loralego: warning: {one_line(warning)}", file=sys.stderr)
+    if collector is not None and report is not None:
+        from .report import write_merge_report
+
+        write_merge_report(report, collector, command=command, output=out, merge_seconds=seconds)
+    if quiet:
+        return plan
+    rank = plan.rank if plan.rank is not None else "exact"
+    print(
+        f"merged {len(plan.adapters)} adapters with {plan.method.name} (rank {rank}) into {out}: "
+        f"{len(plan.modules)} modules in {time.perf_counter() - started:.2f} s (reading included), "
+        f"peak memory {peak_rss_mb():.0f} MB"
+    )
+    if report is not None:
+        print(f"report: {report}")
+    served = plan.output.served_rank
+    if served is not None:
+        padded = "" if plan.rank in (None, served) else f" (rank {plan.rank} padded with zero units to {served})"
+        print(f"vLLM: serve with --enable-lora --max-lora-rank {served}{padded}")
+    return plan
 
 
 def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -199,8 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "inspect":
             _print_inspect(args.adapters, args.json)
         elif args.command == "methods":
-            for name, method in sorted(METHODS.items()):
-                print(f"{name:<16}{method.summary}")
+            if args.name:
+                print(describe_method(args.name))
+            else:
+                for name, method in sorted(METHODS.items()):
+                    print(f"{name:<16}{method.summary}")
         return 0
     except LoraLegoError as error:
         if args.debug:

@@ -168,7 +168,7 @@ def check_module(module: str, merged: Factors | None, target: Factors) -> Module
     )
 
 
-def _check_layout(merged: Adapter, inputs: Sequence[Adapter]) -> list[str]:
+def compared_modules(merged: Adapter, inputs: Sequence[Adapter]) -> list[str]:
     """The modules to compare (the inputs' union); refuse merged modules no input has or of another shape."""
     shapes: dict[str, tuple[int, int]] = {}
     for adapter in inputs:
@@ -213,7 +213,7 @@ def verify(merged: Adapter, inputs: Sequence[Adapter], weights: Sequence[float] 
     if len(weights) != len(inputs):
         raise LoraLegoError(f"--weights: got {len(weights)} weights for {len(inputs)} adapters")
     checks = []
-    for module in _check_layout(merged, inputs):
+    for module in compared_modules(merged, inputs):
         target = concat([a.folded(module, w) for a, w in zip(inputs, weights, strict=True) if module in a.modules])
         result = merged.folded(module) if module in merged.modules else None
         checks.append(check_module(module, result, target))

@@ -44,3 +44,8 @@ def concat(factors: list[Factors]) -> Factors:
 def dense_update(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
     """The dense ``d_out x d_in`` update. For tests and methods that are dense by definition only."""
     return lora_b @ lora_a
+
+
+def unit_norms(units: torch.Tensor, norm: str) -> torch.Tensor:
+    """Norm of each unit (row): max-abs for ``inf``, Euclidean for ``2``."""
+    return units.abs().amax(dim=1) if norm == "inf" else units.norm(dim=1)

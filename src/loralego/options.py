@@ -1,20 +1,28 @@
-"""One options model for the CLI, recipes and the Python API: every merge option is defined here once.
+"""The options of a merge: the common ones (inputs' weights, rank, seed, output...) defined here once, and
+the chosen method's own parameters, declared by the method (``methods/*.py``) and validated against it.
 
-The CLI builds its flags from these fields (``cli.add_option_flags``), so a new option appears everywhere
-by adding one field with a description.
+The CLI builds its flags from these declarations (``cli.add_option_flags``), recipes and the Python API take
+the same names, so a new option or parameter appears everywhere by adding one field with a description.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .errors import LoraLegoError
+from .methods import MethodParams, get_method
+from .methods.base import check_count, check_fraction
+
+# Far above any LoRA (ranks beyond the hidden size cannot add anything), low enough that a typo cannot ask
+# for a terabyte of zero units.
+MAX_RANK = 65536
 
 
 class MergeOptions(BaseModel):
-    """How to merge. Defaults follow the LoRA-LEGO spec (docs/method.md)."""
+    """How to merge. ``parameters`` are the method's own (see ``loralego methods METHOD``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -38,55 +46,6 @@ class MergeOptions(BaseModel):
         None, description="one weight per input adapter (default: all 1; lego+: all 1/n)"
     )
     seed: int = Field(0, description="seed for k-means and DARE; same seed, same bytes")
-    # LoRA-LEGO (lego) options
-    n_init: int = Field(4, description="k-means restarts (lego)")
-    max_iter: int = Field(100, description="k-means iteration cap (lego)")
-    param_reweight: bool = Field(True, description="scale each centroid to its members' mean norm (lego)")
-    output_reweight: bool = Field(True, description="scale the merged update by sqrt(r_ref / k) (lego)")
-    norm: Literal["inf", "2"] = Field("inf", description="norm used by parameter reweighting (lego)")
-    r_ref: float | None = Field(
-        None, description="reference rank of output reweighting; default: mean input rank of the module (lego)"
-    )
-    # Rank-wise variants (lego+; each can be set on lego too). None: the method's own default.
-    gauge: Literal["none", "balanced"] | None = Field(
-        None,
-        description="unit gauge before clustering: none, or balanced (||a|| = ||b||, canonical sign); "
-        "default none for lego, balanced for lego+",
-    )
-    cluster_on: Literal["units", "directions"] | None = Field(
-        None,
-        description="cluster the units, or their per-half unit directions; default units for lego, "
-        "directions for lego+",
-    )
-    representative: Literal["mean", "rank1", "rank1_mean", "ties"] | None = Field(
-        None,
-        description="rank of each cluster: mean of its units; best rank-1 approximation of its summed update "
-        "(rank1); or of that sum divided by the number of input adapters in the cluster (rank1_mean); TIES "
-        "inside the cluster, trimming each unit to --density and electing a sign per coordinate (ties); "
-        "default mean",
-    )
-    output_scale: Literal["sqrt_rank", "match_norm", "least_squares"] | None = Field(
-        None,
-        description="output reweighting: the paper's sqrt(r_ref / k) (sqrt_rank, applied to mean representatives "
-        "only); or one factor per module that gives the merged update the Frobenius norm of the exact weighted "
-        "ensemble (match_norm) or its least-squares fit to it (least_squares); default sqrt_rank for lego, "
-        "least_squares for lego+",
-    )
-    balance: bool = Field(
-        False,
-        description="rescale every adapter's update to the same Frobenius norm per module before clustering, "
-        "so one with a large alpha / r does not take every cluster (lego)",
-    )
-    # TIES / DARE / magnitude pruning options
-    density: float = Field(0.2, description="fraction of entries kept (ties, dare_*, magnitude_prune)")
-    majority_sign: Literal["total", "frequency"] = Field("total", description="sign election of ties / dare_ties")
-    space: Literal["dense", "factors"] = Field(
-        "dense",
-        description="where ties / dare_* / magnitude_prune work: dense = on each module's full update, then the "
-        "best rank-k approximation (any ranks; PEFT's *_svd); factors = on A and B separately (PEFT's plain "
-        "variants; equal ranks only, output rank = input rank)",
-    )
-    # Execution and output
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="dtype of the written tensors; auto: the inputs' dtype"
     )
@@ -108,13 +67,29 @@ class MergeOptions(BaseModel):
         description="serving target the output must satisfy; vllm: one rank from vLLM's --max-lora-rank values "
         "for all modules (smaller ones padded with zero units), alpha = r, checked before writing",
     )
+    parameters: SerializeAsAny[MethodParams] = Field(
+        default_factory=MethodParams, description="the method's own parameters (validated against its declaration)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_parameters(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            method = data.get("method", "lego")
+            if not isinstance(method, str):
+                raise ValueError("method must be a name (see `loralego methods`)")
+            data = {**data, "parameters": method_parameters(method, data.get("parameters"))}
+        return data
 
     @field_validator("rank")
     @classmethod
-    def _rank_positive(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be >= 1")
-        return value
+    def _rank(cls, value: int | None) -> int | None:
+        return value if value is None else check_count(value, MAX_RANK)
+
+    @field_validator("energy")
+    @classmethod
+    def _energy(cls, value: float | None) -> float | None:
+        return value if value is None else check_fraction(value)
 
     @field_validator("rank_overrides", mode="before")
     @classmethod
@@ -122,27 +97,6 @@ class MergeOptions(BaseModel):
         from .overrides import validate_overrides
 
         return validate_overrides(value)  # type: ignore[arg-type]
-
-    @field_validator("energy")
-    @classmethod
-    def _energy_in_range(cls, value: float | None) -> float | None:
-        if value is not None and not 0.0 < value <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return value
-
-    @field_validator("density")
-    @classmethod
-    def _density_in_range(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError("must be in (0, 1]")
-        return value
-
-    @field_validator("n_init", "max_iter")
-    @classmethod
-    def _at_least_one(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be >= 1")
-        return value
 
     @field_validator("weights")
     @classmethod
@@ -152,14 +106,55 @@ class MergeOptions(BaseModel):
         return value
 
 
-def make_options(options: MergeOptions | None = None, **overrides: object) -> MergeOptions:
-    """Build options from an existing model and/or keyword overrides, turning validation errors into one line."""
-    from pydantic import ValidationError
+COMMON_OPTIONS = tuple(name for name in MergeOptions.model_fields if name != "parameters")
 
-    base = options.model_dump() if options is not None else {}
-    base.update(overrides)
+
+def method_parameters(method: str, given: MethodParams | Mapping[str, Any] | None) -> MethodParams:
+    """``given`` validated against ``method``'s declaration; a parameter it does not take is refused by name."""
+    declared = get_method(method).params
+    if isinstance(given, declared):
+        return given
+    if isinstance(given, MethodParams):  # another method's parameters: only those set explicitly carry over
+        given = given.model_dump(exclude_unset=True)
+    if given is not None and not isinstance(given, Mapping):
+        raise LoraLegoError(f"parameters of {method}: expected a mapping of names to values")
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(declared.model_fields))
+    if unknown:
+        takes = ", ".join(declared.model_fields) or "none"
+        raise LoraLegoError(
+            f"option {unknown[0]}: unknown key: not a merge option, and method {method} takes no such parameter "
+            f"(its parameters: {takes})"
+        )
     try:
-        return MergeOptions(**base)
+        return declared.model_validate(given)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "parameters"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise LoraLegoError(f"option {where}: {message}") from None
+
+
+def make_options(options: MergeOptions | None = None, **overrides: Any) -> MergeOptions:
+    """Options from an existing model and/or keyword overrides, turning validation errors into one line.
+
+    Keywords that are not common options are the method's parameters (``density=0.3`` for ties), so the
+    Python API takes them flat, as the CLI does; ``parameters={...}`` works too.
+    """
+    base = options.model_dump(exclude={"parameters"}) if options is not None else {}
+    parameters = options.parameters.model_dump(exclude_unset=True) if options is not None else {}
+    for name, value in overrides.items():
+        if name in COMMON_OPTIONS:
+            base[name] = value
+        elif name == "parameters":
+            given = value.model_dump(exclude_unset=True) if isinstance(value, MethodParams) else value
+            if given is not None and not isinstance(given, Mapping):
+                raise LoraLegoError("option parameters: expected a mapping of names to values")
+            parameters.update(given or {})
+        else:
+            parameters[name] = value
+    try:
+        return MergeOptions(**base, parameters=parameters)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "options"

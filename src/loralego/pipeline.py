@@ -1,138 +1,48 @@
-"""The merge pipeline: plan once, then merge module by module, holding one module's pool at a time."""
+"""The merge pipeline: run a plan (``plan.py``) module by module, holding one module's pool at a time, and
+write the result."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import math
-import shlex
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .adapters import Adapter, memory_adapter, natural_key
-from .adapters.formats import output_format, output_metadata, write_adapter
-from .adapters.peft import merged_config
+from .adapters import Adapter, memory_adapter
+from .adapters.formats import output_metadata, write_adapter
 from .errors import LoraLegoError
 from .finite import all_finite
 from .lowrank import rank_for_energy
-from .methods import MergeMethod, ModuleJob, ModuleResult, get_method
+from .methods import ModuleJob, ModuleResult
 from .msu import Factors, concat
 from .options import MergeOptions, make_options
-from .overrides import override_for, unused_patterns
 from .parallel import default_workers, intra_op_threads, ordered_map, prefetch
-from .vllm import pad_all
+from .plan import MergePlan, ModulePlan, output_config, plan_merge
+from .vllm import pad_rank
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = [
+    "MergePlan",
+    "iter_merged",
+    "merge",
+    "merge_module",
+    "merge_to_folder",
+    "module_seed",
+    "plan_merge",
+    "write_merged",
+]
 
-
-@dataclass(frozen=True)
-class MergePlan:
-    """Everything decided before the first tensor is read."""
-
-    adapters: list[Adapter]
-    options: MergeOptions
-    method: MergeMethod
-    modules: list[str]
-    weights: list[float]
-    rank: int | None
-    device: torch.device
-    out_dtype: torch.dtype
-    warnings: tuple[str, ...] = ()
-    out_format: str = "peft"
-
+# Called with each module's result and the tensors written for it (output dtype, stored shape, padding).
+OnModule = Callable[[str, ModuleResult, tuple[torch.Tensor, torch.Tensor]], None]
 
 def module_seed(seed: int, module: str) -> int:
     """A per-module seed from the user's seed and the module name (independent of module order)."""
     digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LoraLegoError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def _check_compatible(adapters: list[Adapter], force: bool) -> list[str]:
-    """Refuse adapters that cannot share one output; return warnings for what --force let through."""
-    warnings: list[str] = []
-    bases = sorted({a.base_model for a in adapters if a.base_model})
-    if len(bases) > 1:
-        message = f"adapters name different base models: {', '.join(bases)}"
-        if not force:
-            raise LoraLegoError(message + " (use --force to merge anyway)")
-        warnings.append(message + "; merging anyway (--force)")
-    if len({a.fan_in_fan_out for a in adapters}) > 1:
-        raise LoraLegoError("adapters disagree on fan_in_fan_out; they cannot share one output")
-    if len({a.format for a in adapters}) > 1:
-        raise LoraLegoError("adapters are in different formats: " + ", ".join(sorted({a.format for a in adapters})))
-    shapes: dict[str, tuple[tuple[int, ...], int, str]] = {}
-    for adapter in adapters:
-        for module, info in adapter.modules.items():
-            shape = (info.a_shape[1:], info.d_out, adapter.name)
-            if module in shapes and shapes[module][:2] != shape[:2]:
-                first = shapes[module]
-                raise LoraLegoError(
-                    f"module {module}: {first[2]} adapts a {first[1]}x{math.prod(first[0])} weight but "
-                    f"{adapter.name} a {info.d_out}x{info.d_in} one (different base models?)"
-                )
-            shapes.setdefault(module, shape)
-    return warnings
-
-
-def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
-    if not adapters:
-        raise LoraLegoError("no adapters to merge")
-    method = get_method(options.method)
-    if options.weights is not None:
-        weights = list(options.weights)
-    else:
-        weights = [1.0 / len(adapters) if method.average_by_default else 1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise LoraLegoError(f"--weights: got {len(weights)} weights for {len(adapters)} adapters")
-    warnings = _check_compatible(adapters, options.force)
-    modules = sorted({m for a in adapters for m in a.modules}, key=natural_key)
-    if method.equal_ranks:
-        for module in modules:
-            ranks = {a.modules[module].rank for a in adapters if module in a.modules}
-            if len(ranks) > 1:
-                raise LoraLegoError(
-                    f"method {method.name} needs equal ranks, but module {module} has ranks "
-                    f"{sorted(ranks)}; use cat, svd or lego for mixed ranks"
-                )
-    if options.energy is not None and not method.takes_rank:
-        raise LoraLegoError(f"--energy picks an output rank, but method {method.name} does not take one")
-    rank = options.rank
-    if rank is None and not method.exact_by_default and options.energy is None:
-        rank = max(info.rank for a in adapters for info in a.modules.values())
-    out_format = output_format(adapters, options.format, options.target)
-    warnings += [f"--rank-override {p}: matches no module" for p in unused_patterns(options.rank_overrides, modules)]
-    if options.dtype == "auto":
-        dtypes = {a.dtype for a in adapters}
-        out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    else:
-        out_dtype = _DTYPES[options.dtype]
-    return MergePlan(
-        adapters=adapters,
-        options=options,
-        method=method,
-        modules=modules,
-        weights=weights,
-        rank=rank,
-        device=_resolve_device(options.device),
-        out_dtype=out_dtype,
-        warnings=tuple(warnings),
-        out_format=out_format,
-    )
 
 
 # Folded factors above this Frobenius norm could overflow float32 in the methods' squared distances and
@@ -153,39 +63,37 @@ def _check_folded(adapter: Adapter, module: str, factors: tuple[torch.Tensor, to
             )
 
 
-def module_rank(plan: MergePlan, module: str, factors: list[Factors] | None = None) -> int | None:
-    """The requested k of one module: the most specific ``--rank-override`` matching it, else ``--rank``;
-    with ``--energy``, the rank that keeps that much of the module's ensemble energy, capped by the former."""
-    override = override_for(plan.options.rank_overrides, module)
-    rank = override if override is not None else plan.rank
-    if plan.options.energy is not None and factors:
-        needed = rank_for_energy(*concat(factors), plan.options.energy)
-        rank = needed if rank is None else min(rank, needed)
-    return rank
+def module_rank(plan: MergePlan, module: ModulePlan, factors: list[Factors]) -> int:
+    """The module's k: the planned one, or with ``--energy`` the rank that keeps that much of the module's
+    ensemble energy, at most the planned one."""
+    if plan.energy is None:
+        return module.rank
+    return min(module.rank, rank_for_energy(*concat(factors), plan.energy))
 
 
 def read_module(plan: MergePlan, module: str) -> list[Factors]:
     """Read and fold one module's factors from every input that has it (in input order), checked."""
-    indices = [j for j, adapter in enumerate(plan.adapters) if module in adapter.modules]
-    factors = [plan.adapters[j].folded(module, plan.weights[j], plan.device) for j in indices]
-    for j, pair in zip(indices, factors, strict=True):
+    spec = plan.modules[module]
+    factors = [plan.adapters[j].folded(module, plan.weights[j], plan.device) for j in spec.adapter_indices]
+    for j, pair in zip(spec.adapter_indices, factors, strict=True):
         _check_folded(plan.adapters[j], module, pair)
     return factors
 
 
 def merge_module(plan: MergePlan, module: str, factors: list[Factors] | None = None) -> ModuleResult:
     """Merge one module (reading it first unless its ``factors`` are given); only this module is in memory."""
+    spec = plan.modules[module]
     if factors is None:
         factors = read_module(plan, module)
-    indices = [j for j, adapter in enumerate(plan.adapters) if module in adapter.modules]
     job = ModuleJob(
         module=module,
         factors=factors,
-        adapter_indices=indices,
-        source_ranks=[plan.adapters[j].modules[module].rank for j in indices],
-        rank=module_rank(plan, module, factors),
+        adapter_indices=list(spec.adapter_indices),
+        source_ranks=list(spec.source_ranks),
+        rank=module_rank(plan, spec, factors),
+        rank_requested=spec.rank_requested,
         seed=module_seed(plan.options.seed, module),
-        options=plan.options,
+        params=plan.params,
     )
     result = plan.method.merge(job)
     if not (all_finite(result.lora_a) and all_finite(result.lora_b)):
@@ -193,32 +101,36 @@ def merge_module(plan: MergePlan, module: str, factors: list[Factors] | None = N
     return result
 
 
-def _stored_shape(plan: MergePlan, module: str, result: ModuleResult) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cast to the output dtype and restore conv shapes (``A: k x in x kh x kw``, ``B: out x k x 1 x 1``)."""
-    info = next(a.modules[module] for a in plan.adapters if module in a.modules)
+def _stored(plan: MergePlan, module: str, result: ModuleResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cast to the output dtype, restore conv shapes (``A: k x in x kh x kw``, ``B: out x k x 1 x 1``) and pad
+    to the served rank of ``--target vllm`` (zero units: the update is unchanged)."""
+    spec = plan.modules[module]
     k = result.lora_a.shape[0]
-    lora_a = result.lora_a.reshape(k, *info.a_shape[1:])
-    lora_b = result.lora_b.reshape(info.b_shape[0], k, *info.b_shape[2:])
+    lora_a = result.lora_a.reshape(k, *spec.a_shape[1:])
+    lora_b = result.lora_b.reshape(spec.b_shape[0], k, *spec.b_shape[2:])
     stored = (
-        lora_a.to(device="cpu", dtype=plan.out_dtype).contiguous(),
-        lora_b.to(device="cpu", dtype=plan.out_dtype).contiguous(),
+        lora_a.to(device="cpu", dtype=plan.output.dtype).contiguous(),
+        lora_b.to(device="cpu", dtype=plan.output.dtype).contiguous(),
     )
     if not all(all_finite(tensor) for tensor in stored):  # e.g. float16 overflows at 65504
-        name = str(plan.out_dtype).removeprefix("torch.")
+        name = str(plan.output.dtype).removeprefix("torch.")
         raise LoraLegoError(f"module {module}: the merged weights overflow {name}; use --dtype float32")
+    if plan.output.served_rank is not None:
+        stored = pad_rank(*stored, plan.output.served_rank)
     return stored
 
 
 def iter_merged(
-    plan: MergePlan, on_module: Callable[[str, ModuleResult], None] | None = None, *, workers: int | None = None
+    plan: MergePlan, on_module: OnModule | None = None, *, workers: int | None = None
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield ``(module, A, B)`` in the output dtype and stored shape, in module order.
+    """Yield ``(module, A, B)`` as written (output dtype, stored shape, padding), in module order.
 
     On the CPU, ``workers`` modules (default: torch's thread count) are merged at once, each on one thread
     (see :mod:`loralego.parallel`), while a reader thread reads up to ``workers + 1`` modules ahead; memory
-    holds at most ``2 workers + 2`` modules' pools.
+    holds at most ``2 workers + 2`` modules' pools. ``--executor ray`` runs the same jobs as Ray tasks.
     """
     workers = default_workers(plan.device) if workers is None else max(1, workers)
+    names = list(plan.modules)
     with intra_op_threads(1) if workers > 1 else contextlib.nullcontext():
         if plan.options.executor == "ray":  # the same jobs as Ray tasks (ray_executor.py)
             from .ray_executor import ray_merged
@@ -226,25 +138,14 @@ def iter_merged(
             merged = ray_merged(plan, plan.options.ray_address)
         else:
             # A reader thread keeps the next modules read (at most workers + 1 ahead): reading overlaps compute.
-            reads = prefetch(((module, read_module(plan, module)) for module in plan.modules), depth=workers + 1)
+            reads = prefetch(((module, read_module(plan, module)) for module in names), depth=workers + 1)
             merged = ordered_map(lambda item: merge_module(plan, *item), reads, workers)
-        for module, result in zip(plan.modules, merged, strict=True):
+        for module, result in zip(names, merged, strict=True):
+            stored = _stored(plan, module, result)
             if on_module is not None:
-                on_module(module, result)
-            stored = _stored_shape(plan, module, result)
+                on_module(module, result, stored)
             del result  # hold nothing of this module once it is yielded
             yield (module, *stored)
-
-
-def target_modules(adapters: list[Adapter], modules: list[str]) -> list[str]:
-    """The output's target_modules: the union of the inputs' name lists when that describes the merged
-    modules exactly; otherwise the full module names (which PEFT matches as suffixes)."""
-    lists = [a.config.get("target_modules") for a in adapters]
-    if all(isinstance(t, list) for t in lists) and not any(a.config.get("layers_to_transform") for a in adapters):
-        union = sorted({name for t in lists for name in t})  # type: ignore[union-attr]
-        if all(any(m == t or m.endswith("." + t) for t in union) for m in modules):
-            return union
-    return list(modules)
 
 
 # Options that say how a merge runs, not what it computes: left out of the output's record, so the bytes do
@@ -252,16 +153,20 @@ def target_modules(adapters: list[Adapter], modules: list[str]) -> list[str]:
 _NOT_RECORDED = {"force", "executor", "ray_address"}
 
 
+def recorded_options(plan: MergePlan) -> dict[str, Any]:
+    """The options as the merge records them: the common ones (but how it ran) and the method's parameters."""
+    return plan.options.model_dump(mode="json", exclude=_NOT_RECORDED)
+
+
 def provenance(plan: MergePlan) -> dict[str, str]:
     """Safetensors metadata recording how the output was made (strings only, deterministic)."""
-    options = plan.options.model_dump(mode="json", exclude=_NOT_RECORDED)
     inputs = [
         {"name": a.name, "sha256": a.sha256, "weight": w} for a, w in zip(plan.adapters, plan.weights, strict=True)
     ]
     return {
         "loralego.version": __version__,
         "loralego.method": plan.method.name,
-        "loralego.options": json.dumps(options, sort_keys=True),
+        "loralego.options": json.dumps(recorded_options(plan), sort_keys=True),
         "loralego.inputs": json.dumps(inputs, sort_keys=True),
     }
 
@@ -282,45 +187,30 @@ def model_card(plan: MergePlan, command: str | None) -> str:
     ]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    lines += [
-        "Options:",
-        "",
-        "```json",
-        json.dumps(plan.options.model_dump(mode="json", exclude=_NOT_RECORDED), indent=2, sort_keys=True),
-        "```",
-        "",
-    ]
+    lines += ["Options:", "", "```json", json.dumps(recorded_options(plan), indent=2, sort_keys=True), "```", ""]
     lines += ["Inputs:", "", "| adapter | weight | sha256 |", "|---|---|---|"]
     lines += [f"| {a.name} | {w:g} | `{a.sha256}` |" for a, w in zip(plan.adapters, plan.weights, strict=True)]
     return "\n".join(lines) + "\n"
 
 
-def _output_config(plan: MergePlan) -> Callable[[dict[str, int]], dict[str, Any]]:
-    template = dict(plan.adapters[0].config)
-    targets = target_modules(plan.adapters, plan.modules)
-    main_rank = None if plan.options.target == "vllm" else plan.rank  # vllm: the one padded rank
-    return lambda ranks: merged_config(template, ranks, targets, main_rank)
-
-
 def merge(adapters: list[Adapter], options: MergeOptions | None = None, **overrides: Any) -> Adapter:
     """Merge adapters in memory and return the merged adapter (scale 1, ``lora_alpha = r``).
 
-    ``options`` and keyword overrides are the fields of :class:`MergeOptions` (the CLI's flags).
+    ``options`` and keyword overrides are the common options of :class:`MergeOptions` and the method's own
+    parameters, by name (``loralego.merge(adapters, method="ties", rank=8, density=0.3)``).
     """
     plan = plan_merge(list(adapters), make_options(options, **overrides))
     tensors = {module: (lora_a, lora_b) for module, lora_a, lora_b in iter_merged(plan)}
-    if plan.options.target == "vllm":
-        tensors = pad_all(tensors)
     ranks = {module: int(pair[0].shape[0]) for module, pair in tensors.items()}
     merged = memory_adapter(
         f"merged-{plan.method.name}",
         tensors,
-        config=_output_config(plan)(ranks),
-        dtype=plan.out_dtype,
+        config=output_config(plan)(ranks),
+        dtype=plan.output.dtype,
         metadata=output_metadata(plan.adapters, provenance(plan), plan.rank),
-        order=plan.modules,
+        order=list(plan.modules),
     )
-    merged.format = plan.out_format
+    merged.format = plan.output.format
     return merged
 
 
@@ -340,27 +230,37 @@ def merge_to_folder(
     options: MergeOptions | None = None,
     *,
     command: str | None = None,
-    on_module: Callable[[str, ModuleResult], None] | None = None,
+    on_module: OnModule | None = None,
     extra_files: dict[str, str] | None = None,
     **overrides: Any,
 ) -> MergePlan:
-    """Merge and stream the result into the output format's folder or file, atomically; modules are written as
-    they finish. ``extra_files`` (e.g. the recipe) go inside a PEFT folder, beside a single file."""
-    out = Path(out)
+    """Plan, merge and stream the result into the output format's folder or file (see :func:`write_merged`)."""
     plan = plan_merge(list(adapters), make_options(options, **overrides))
+    write_merged(plan, out, command=command, on_module=on_module, extra_files=extra_files)
+    return plan
+
+
+def write_merged(
+    plan: MergePlan,
+    out: str | Path,
+    *,
+    command: str | None = None,
+    on_module: OnModule | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """Run ``plan`` and stream the result into its output format's folder or file, atomically; modules are
+    written as they finish. ``command`` (what the user ran) goes into the model card; ``extra_files`` (e.g.
+    the recipe) go inside a PEFT folder, beside a single file."""
+    out = Path(out)
     _refuse_overlap(out, plan.adapters)
-    if command is None:
-        command = shlex.join(["loralego", *sys.argv[1:]]) if sys.argv[0].endswith("loralego") else None
     write_adapter(
-        plan.out_format,
+        plan.output.format,
         out,
         tensors=iter_merged(plan, on_module),
-        config=_output_config(plan),
+        config=output_config(plan),
         metadata=output_metadata(plan.adapters, provenance(plan), plan.rank),
         force=plan.options.force,
-        card=model_card(plan, command) if plan.out_format == "peft" else None,
+        card=model_card(plan, command) if plan.output.format == "peft" else None,
         extra_files=extra_files,
-        target=plan.options.target,
-        modules=plan.modules,
+        modules=list(plan.modules),
     )
-    return plan

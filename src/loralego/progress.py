@@ -48,7 +48,7 @@ class Progress:
         self._last = self.start - self.interval
         self._drawn = False
 
-    def __call__(self, module: str, result: Any = None) -> None:
+    def __call__(self, module: str, *done: Any) -> None:
         self.done += 1
         now = time.perf_counter()
         if now - self.start >= self.delay and now - self._last >= self.interval:

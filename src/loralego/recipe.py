@@ -1,9 +1,9 @@
 """Recipes: ``loralego run recipe.yaml``, a merge written down once and re-run exactly.
 
 A recipe is a YAML mapping with ``inputs`` (paths, folders, files or cached Hugging Face ids; each either a
-string or ``{path: ..., weight: ...}``), ``output``, an optional ``report`` (an HTML file), and any field of
-:class:`~loralego.options.MergeOptions` under the same name as in Python (the CLI flag without ``--``, with
-``_`` for ``-``), e.g.::
+string or ``{path: ..., weight: ...}``), ``output``, an optional ``report`` (an HTML file), and any merge
+option or parameter of the chosen method under the same name as in Python (the CLI flag without ``--``, with
+``_`` for ``-``), either at the top level or under ``parameters:``, e.g.::
 
     inputs:
       - path: adapters/task_a
@@ -13,6 +13,7 @@ string or ``{path: ..., weight: ...}``), ``output``, an optional ``report`` (an 
     method: lego
     rank: 8
     rank_overrides: {mlp: 16, self_attn.q_proj: 4}
+    parameters: {n_init: 8}
 
 It is validated by the same options model as the CLI and the Python API (one-line errors naming the key).
 Relative paths are relative to the recipe's folder, so a recipe means the same merge wherever it is run
@@ -31,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import LoraLegoError
-from .options import MergeOptions
+from .options import MergeOptions, make_options
 
 RECIPE_FILE = "recipe.yaml"
 _RECIPE_KEYS = ("inputs", "output", "report")
@@ -45,14 +46,14 @@ class RecipeInput(BaseModel):
 
 
 class RecipeModel(BaseModel):
-    """The recipe file's schema: the run's own keys plus every MergeOptions field (validated by MergeOptions)."""
+    """The recipe file's own keys; every other key is a merge option or the method's parameter, validated as
+    the CLI's and the Python API's are (``make_options``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     inputs: list[RecipeInput] = Field(min_length=1)
     output: str = Field(min_length=1)
     report: str | None = None
-    options: MergeOptions
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -86,14 +87,21 @@ def _resolve(base: Path, value: str, *, must_exist: bool) -> str:
 
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
-    loc = [str(part) for part in first["loc"]]
-    if loc and loc[0] == "options":  # options are top-level keys in the file
-        loc = loc[1:]
-    where = ".".join(loc) or "recipe"
+    where = ".".join(str(part) for part in first["loc"]) or "recipe"
     message = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key (not a recipe key or a merge option)"
     return f"{where}: {message}"
+
+
+def _options(path: Path, options: dict[str, Any], weights: list[float | None]) -> MergeOptions:
+    """The merge options of a recipe: its option keys (flat or under ``parameters:``) and per-input weights."""
+    if any(weight is not None for weight in weights):
+        if options.get("weights") is not None:
+            raise LoraLegoError(f"{path}: weights: give weights per input or as 'weights:', not both")
+        options = {**options, "weights": [1.0 if weight is None else weight for weight in weights]}
+    try:
+        return make_options(None, **{str(key): value for key, value in options.items()})
+    except LoraLegoError as error:
+        raise LoraLegoError(f"{path}: {str(error).removeprefix('option ')}") from None
 
 
 def parse_recipe(text: str, path: Path) -> Recipe:
@@ -110,19 +118,10 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     own = {key: data[key] for key in _RECIPE_KEYS if key in data}
     options = {key: value for key, value in data.items() if key not in _RECIPE_KEYS}
     try:
-        model = RecipeModel.model_validate({**own, "options": options})
+        model = RecipeModel.model_validate(own)
     except ValidationError as error:
         raise LoraLegoError(f"{path}: {_one_line(error)}") from None
-    per_input = [item.weight for item in model.inputs]
-    merge_options = model.options
-    if any(weight is not None for weight in per_input):
-        if merge_options.weights is not None:
-            raise LoraLegoError(f"{path}: weights: give weights per input or as 'weights:', not both")
-        weights = [1.0 if weight is None else weight for weight in per_input]
-        try:
-            merge_options = MergeOptions(**{**merge_options.model_dump(), "weights": weights})
-        except ValidationError as error:
-            raise LoraLegoError(f"{path}: inputs: weight: {_one_line(error)}") from None
+    merge_options = _options(path, options, [item.weight for item in model.inputs])
     base = path.parent
     return Recipe(
         path=path,

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .adapters.base import Adapter
-from .adapters.peft import CONFIG_NAME, PREFIX, SAFETENSORS_NAME, write_peft_folder
-from .adapters.safetensors_stream import SafetensorsStreamWriter
+from .adapters.peft import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from .errors import LoraLegoError
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -150,77 +147,3 @@ def check_vllm_folder(folder: str | Path) -> int:
     folder = Path(folder)
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     return check_vllm(config, safetensors_header(folder / SAFETENSORS_NAME))
-
-
-def pad_all(tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """In-memory variant (``loralego.merge``): pad every module to one vLLM rank."""
-    rank = serving_rank(max(a.shape[0] for a, _ in tensors.values()))
-    return {module: pad_rank(a, b, rank) for module, (a, b) in tensors.items()}
-
-
-def write_vllm_folder(
-    out: Path,
-    *,
-    tensors: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
-    config: Callable[[dict[str, int]], dict[str, Any]],
-    metadata: dict[str, str] | None = None,
-    force: bool = False,
-    card: str | None = None,
-    extra_files: dict[str, str] | None = None,
-) -> int:
-    """Write a vLLM-ready PEFT folder, atomically; returns the ``--max-lora-rank`` to use.
-
-    The serving rank is the largest merged rank rounded up to a vLLM value, known only once every module is
-    merged: modules are streamed unpadded into a scratch file beside ``out``, then padded while being
-    streamed into the folder. The final config and tensor shapes go through :func:`check_vllm` before
-    anything is written at ``out``.
-    """
-    out = Path(out)
-    if out.exists() and not (force and out.is_dir()):  # refuse before merging, as the other writers do
-        what = (
-            "folder already exists (use --force to replace it)" if out.is_dir() else "path exists and is not a folder"
-        )
-        raise LoraLegoError(f"{out}: output {what}")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.vllm-", dir=parent))
-    try:
-        ranks: dict[str, int] = {}
-        shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
-        unpadded = scratch / "unpadded.safetensors"
-        with SafetensorsStreamWriter(unpadded) as writer:
-            for index, (module, lora_a, lora_b) in enumerate(tensors):
-                writer.add(f"{index}.A", lora_a)
-                writer.add(f"{index}.B", lora_b)
-                ranks[module] = int(lora_a.shape[0])
-                shapes[module] = (tuple(lora_a.shape), tuple(lora_b.shape), str(lora_a.dtype).removeprefix("torch."))
-        if not ranks:
-            raise LoraLegoError("--target vllm: the merge produced no modules")
-        rank = serving_rank(max(ranks.values()))
-        final_config = config(dict.fromkeys(ranks, rank))
-        planned = {}
-        for module, (a_shape, b_shape, dtype) in shapes.items():
-            planned[f"{PREFIX}{module}.lora_A.weight"] = ((rank, *a_shape[1:]), dtype)
-            planned[f"{PREFIX}{module}.lora_B.weight"] = ((b_shape[0], rank, *b_shape[2:]), dtype)
-        check_vllm(final_config, planned)
-
-        def padded() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-            from safetensors import safe_open
-
-            with safe_open(str(unpadded), framework="pt") as handle:
-                for index, module in enumerate(ranks):
-                    yield (module, *pad_rank(handle.get_tensor(f"{index}.A"), handle.get_tensor(f"{index}.B"), rank))
-
-        write_peft_folder(
-            out,
-            tensors=padded(),
-            config=final_config,
-            metadata=metadata,
-            force=force,
-            card=card,
-            extra_files=extra_files,
-            modules=list(ranks),
-        )
-        return rank
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

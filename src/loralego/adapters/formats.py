@@ -89,7 +89,7 @@ def open_file(path: Path, name: str | None = None) -> Adapter:
     return load_kohya(path, name) if fmt == "kohya" else load_diffusers(path, name)
 
 
-def output_format(adapters: list[Adapter], requested: str | None, target: str | None = None) -> str:
+def output_format(adapters: list[Adapter], requested: str | None) -> str:
     """The output format: the inputs' unless ``requested``; refuse conversions that would guess names."""
     source = adapters[0].format
     fmt = requested or source
@@ -102,10 +102,6 @@ def output_format(adapters: list[Adapter], requested: str | None, target: str | 
             else "no conversion is defined"
         )
         raise LoraLegoError(f"--format {fmt}: cannot write {source} inputs as {fmt}: {why}")
-    if target == "vllm":
-        from ..vllm import check_inputs
-
-        check_inputs(adapters, fmt)
     return fmt
 
 
@@ -158,10 +154,9 @@ def write_adapter(
     card: str | None = None,
     alphas: dict[str, float] | None = None,
     extra_files: dict[str, str] | None = None,
-    target: str | None = None,
     modules: list[str] | None = None,
-) -> int | None:
-    """Write an adapter in ``fmt``, atomically; returns the ``--max-lora-rank`` for ``target="vllm"``.
+) -> None:
+    """Write an adapter in ``fmt``, atomically.
 
     PEFT folders hold ``extra_files`` inside; single files get them beside (``<stem>.<file name>``). A PEFT
     output always has scale 1 per module (``lora_alpha = r``), which is what merges produce; ``alphas``
@@ -169,14 +164,6 @@ def write_adapter(
     ``tensors`` will yield, when known (the header's space is then reserved exactly, see safetensors_stream).
     """
     out = Path(out)
-    if target == "vllm":
-        from ..vllm import write_vllm_folder
-
-        if not callable(config):
-            raise ValueError("target vllm needs the config as a function of the module ranks")
-        return write_vllm_folder(
-            out, tensors=tensors, config=config, metadata=metadata, force=force, card=card, extra_files=extra_files
-        )  # vllm rewrites the padded tensors through write_peft_folder with their modules
     if fmt == "peft":
         write_peft_folder(
             out,
@@ -188,7 +175,7 @@ def write_adapter(
             extra_files=extra_files,
             modules=modules,
         )
-        return None
+        return
     if fmt not in SINGLE_FILE_FORMATS:
         raise LoraLegoError(f"--format {fmt}: unknown format (choose from {', '.join(FORMATS)})")
     sidecars = {sidecar_path(out, file_name): text for file_name, text in (extra_files or {}).items()}
@@ -199,4 +186,3 @@ def write_adapter(
     writer(out, tensors=tensors, alphas=alphas, metadata=metadata, force=force, modules=modules)
     for sidecar, text in sidecars.items():
         write_text_atomically(sidecar, text, force=True)
-    return None

@@ -1,11 +1,14 @@
-"""The registry of merge methods: one module per method, each registering itself here."""
+"""The registry of merge methods: one module per method, each registering itself here.
+
+A method outside the package (an experiment) registers the same way, with ``register``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from ..errors import LoraLegoError
-from .base import MergeMethod, ModuleJob, ModuleResult
+from .base import MergeMethod, MethodParams, ModuleJob, ModuleResult, NoParams, OutputRank, RankRequest, thin_rank
 
 METHODS: dict[str, MergeMethod] = {}
 
@@ -14,14 +17,26 @@ def register(
     name: str,
     summary: str,
     *,
+    params: type[MethodParams] = NoParams,
     exact_by_default: bool = False,
     equal_ranks: bool = False,
     average_by_default: bool = False,
     takes_rank: bool = True,
+    output_rank: OutputRank = thin_rank,
+    clusters: bool = False,
 ) -> Callable[[Callable[[ModuleJob], ModuleResult]], Callable[[ModuleJob], ModuleResult]]:
     def wrap(function: Callable[[ModuleJob], ModuleResult]) -> Callable[[ModuleJob], ModuleResult]:
         METHODS[name] = MergeMethod(
-            name, function, summary, exact_by_default, equal_ranks, average_by_default, takes_rank
+            name,
+            function,
+            summary,
+            params=params,
+            exact_by_default=exact_by_default,
+            equal_ranks=equal_ranks,
+            average_by_default=average_by_default,
+            takes_rank=takes_rank,
+            output_rank=output_rank,
+            clusters=clusters,
         )
         return function
 
@@ -35,16 +50,15 @@ def get_method(name: str) -> MergeMethod:
 
 
 # Importing the method modules registers them.
-from . import (  # noqa: E402, F401
-    cat,
-    dare_linear,
-    dare_ties,
-    lego,
-    linear,
-    magnitude_prune,
-    svd,
-    task_arithmetic,
-    ties,
-)
+from . import cat, elementwise, lego, linear, svd, task_arithmetic  # noqa: E402, F401
 
-__all__ = ["METHODS", "MergeMethod", "ModuleJob", "ModuleResult", "get_method", "register"]
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "MethodParams",
+    "ModuleJob",
+    "ModuleResult",
+    "RankRequest",
+    "get_method",
+    "register",
+]

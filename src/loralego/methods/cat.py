@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from ..msu import concat
 from . import register
-from .base import ModuleJob, ModuleResult
+from .base import ModuleJob, ModuleResult, RankRequest
+
+
+def pool_rank(params: object, request: RankRequest) -> int:
+    return request.pool_size
 
 
 @register(
-    "cat", "exact concatenation along the rank axis (the output ensemble)", exact_by_default=True, takes_rank=False
+    "cat",
+    "exact concatenation along the rank axis (the output ensemble)",
+    exact_by_default=True,
+    takes_rank=False,
+    output_rank=pool_rank,
 )
 def merge_cat(job: ModuleJob) -> ModuleResult:
     lora_a, lora_b = concat(job.factors)

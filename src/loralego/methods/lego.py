@@ -1,80 +1,104 @@
-"""``lego`` (LoRA-LEGO, arXiv 2409.16167, paper-faithful) and ``lego+`` (our measured variant).
+"""``lego`` (LoRA-LEGO, arXiv 2409.16167, paper-faithful) and ``lego+`` (our measured preset).
 
 Per module: pool the folded units of every input, k-means them into k clusters, turn each cluster into one
-rank of the merged LoRA. ``lego`` takes each cluster's mean and applies dual reweighting (parameter
-reweighting of each centroid's norm, output reweighting of the whole update by sqrt(r_ref / k)). ``lego+``
-changes three things, each also available on ``lego`` as an option, and was chosen over the other variants
-on the public evaluation suite (docs/method.md, docs/results.md):
+rank of the merged LoRA: the mean of its units, with dual reweighting (parameter reweighting of each
+centroid's norm, output reweighting of the whole update). ``lego`` takes the paper's choices; ``lego+``
+changes three internal steps, chosen over the other variants on the public evaluation suite
+(docs/method.md, docs/results.md):
 
-- gauge: a unit (a, b) is only defined up to (c a, b / c); ``balanced`` makes ||a|| = ||b|| and fixes
-  the sign, so equivalent units look alike to k-means;
-- cluster_on ``directions``: cluster the per-half unit directions, so large and small units that point the
-  same way share a cluster (the means and the parameter reweighting still use the units themselves);
-- output_scale ``least_squares``: one factor per module, the gamma minimising ||gamma M - E||_F where E is
+- gauge ``balanced``: a unit (a, b) is only defined up to (c a, b / c); making ||a|| = ||b|| and fixing the
+  sign lets equivalent units look alike to k-means;
+- cluster on ``directions``: the per-half unit directions, so large and small units that point the same way
+  share a cluster (the means and the parameter reweighting still use the units themselves);
+- output scale ``least_squares``: one factor per module, the gamma minimising ||gamma M - E||_F where E is
   the exact weighted ensemble (what ``cat`` returns); and weights 1/n by default, so E is the average of the
   task updates rather than their sum, the scale at which the ensemble itself works.
 
-Other representatives (``rank1``, ``rank1_mean``, ``ties``) and ``match_norm`` are options; they lost.
+The variants that lost (other representatives, other scales, adapter balancing) live with the evaluation
+(``bench/quality/variants.py``), which composes them from the steps here through ``rankwise_merge``'s hooks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from ..cluster import KMeans, cluster_means
-from ..lowrank import frobenius_inner, frobenius_norm_sq, truncate
-from ..msu import Factors, concat, from_units, to_units
-from ..options import MergeOptions
-from ..taskmath import ties
+from ..lowrank import frobenius_inner, frobenius_norm_sq
+from ..msu import Factors, concat, from_units, to_units, unit_norms
 from . import register
-from .base import ModuleJob, ModuleResult
+from .base import MethodParams, ModuleJob, ModuleResult, RankRequest, check_count
 
 _EPS = 1e-12
 
+# Bounds that keep a hostile or mistyped count from running for days; far above any useful value.
+MAX_N_INIT = 1000
+MAX_ITER = 100_000
+
+
+class RankwiseParams(MethodParams):
+    """The parameters every rank-wise merge takes (lego+'s)."""
+
+    n_init: int = Field(4, description=f"k-means restarts (at most {MAX_N_INIT})")
+    max_iter: int = Field(100, description=f"k-means iteration cap (at most {MAX_ITER})")
+    param_reweight: bool = Field(True, description="scale each centroid to its members' mean norm")
+    output_reweight: bool = Field(
+        True,
+        description="scale the merged update (lego: by sqrt(r_ref / k); lego+: by its least-squares fit to the "
+        "exact weighted ensemble)",
+    )
+    norm: Literal["inf", "2"] = Field("inf", description="norm used by parameter reweighting")
+
+    @field_validator("n_init")
+    @classmethod
+    def _n_init(cls, value: int) -> int:
+        return check_count(value, MAX_N_INIT)
+
+    @field_validator("max_iter")
+    @classmethod
+    def _max_iter(cls, value: int) -> int:
+        return check_count(value, MAX_ITER)
+
+
+class LegoParams(RankwiseParams):
+    """The paper's knobs."""
+
+    r_ref: float | None = Field(
+        None, description="reference rank of output reweighting (> 0); default: mean input rank of the module"
+    )
+
+    @field_validator("r_ref")
+    @classmethod
+    def _r_ref(cls, value: float | None) -> float | None:
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError("must be a finite number > 0")
+        return value
+
 
 @dataclass(frozen=True)
-class LegoVariant:
-    """The choices of one rank-wise merge, resolved from the options and the method's defaults."""
+class RankwiseVariant:
+    """The internal choices of a rank-wise merge (not user parameters: each named method fixes them)."""
 
-    gauge: str
-    cluster_on: str
-    representative: str
-    param_reweight: bool
-    output_reweight: bool
-    norm: str
-    r_ref: float | None
-    output_scale: str
-    balance: bool
-    density: float
-    majority_sign: str
-
-    @classmethod
-    def resolve(cls, options: MergeOptions, defaults: dict[str, str]) -> LegoVariant:
-        return cls(
-            gauge=options.gauge or defaults["gauge"],
-            cluster_on=options.cluster_on or defaults["cluster_on"],
-            representative=options.representative or defaults["representative"],
-            param_reweight=options.param_reweight,
-            output_reweight=options.output_reweight,
-            norm=options.norm,
-            r_ref=options.r_ref,
-            output_scale=options.output_scale or defaults["output_scale"],
-            balance=options.balance,
-            density=options.density,
-            majority_sign=options.majority_sign,
-        )
+    gauge: Literal["none", "balanced"]
+    cluster_on: Literal["units", "directions"]
+    output_scale: Literal["sqrt_rank", "least_squares"]
 
 
-PAPER = {"gauge": "none", "cluster_on": "units", "representative": "mean", "output_scale": "sqrt_rank"}
-PLUS = {"gauge": "balanced", "cluster_on": "directions", "representative": "mean", "output_scale": "least_squares"}
+PAPER = RankwiseVariant(gauge="none", cluster_on="units", output_scale="sqrt_rank")
+PLUS = RankwiseVariant(gauge="balanced", cluster_on="directions", output_scale="least_squares")
 
-
-def unit_norms(units: torch.Tensor, norm: str) -> torch.Tensor:
-    """Norm of each unit (row): max-abs for ``inf``, Euclidean for ``2``."""
-    return units.abs().amax(dim=1) if norm == "inf" else units.norm(dim=1)
+# Hooks for experiments (bench/quality/variants.py): replace a step, keep the rest.
+# (folded factors of each input) -> the factors to pool
+Prepare = Callable[[list[Factors]], list[Factors]]
+# (units, labels, k, d_in, unit owner) -> k representative units (sums of members: no sqrt_rank scale)
+Represent = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], torch.Tensor]
+# (merged factors, exact weighted ensemble) -> one factor for the merged update
+Scale = Callable[[Factors, Factors], float]
 
 
 def gauge_scales(lora_a: torch.Tensor, lora_b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +124,7 @@ def balance_gauge(units: torch.Tensor, d_in: int) -> torch.Tensor:
     return torch.cat([lora_a * scale_a[:, None], lora_b * scale_b[:, None]], dim=1)
 
 
-def feature_gram(lora_a: torch.Tensor, lora_b: torch.Tensor, variant: LegoVariant) -> torch.Tensor:
+def feature_gram(lora_a: torch.Tensor, lora_b: torch.Tensor, variant: RankwiseVariant) -> torch.Tensor:
     """The ``N x N`` Gram matrix of the clustered features of the units ``[a_i ; b_i]`` of ``(A, B)``, from the two
     factor Gram matrices ``A A^T`` and ``B^T B`` (never concatenating the units).
 
@@ -147,81 +171,23 @@ def output_scale(source_ranks: list[int], k: int, r_ref: float | None) -> float:
     return math.sqrt(reference / k)
 
 
-def ensemble_scale(merged: Factors, ensemble: Factors, how: str) -> float:
-    """One factor for the whole merged update, from its relation to the exact weighted ensemble ``E``.
-
-    ``match_norm``: ``||gamma M||_F = ||E||_F``. ``least_squares``: the ``gamma`` minimising ``||gamma M - E||_F``,
-    ``<M, E> / ||M||^2`` (1 for a truncated SVD of ``E``, which is already an orthogonal projection of it).
-    """
+def least_squares_scale(merged: Factors, ensemble: Factors) -> float:
+    """The ``gamma`` minimising ``||gamma M - E||_F``: ``<M, E> / ||M||^2`` (1 for a truncated SVD of ``E``,
+    which is already an orthogonal projection of it); 1 for a zero merge."""
     merged_sq = frobenius_norm_sq(merged)
-    if merged_sq <= _EPS:
-        return 1.0
-    if how == "match_norm":
-        return math.sqrt(frobenius_norm_sq(ensemble) / merged_sq)
-    if how == "least_squares":
-        return frobenius_inner(merged, ensemble) / merged_sq
-    raise ValueError(f"unknown output scale {how!r}")
+    return 1.0 if merged_sq <= _EPS else frobenius_inner(merged, ensemble) / merged_sq
 
 
-def balance_adapters(factors: list[Factors]) -> list[Factors]:
-    """Rescale each adapter's update to the mean Frobenius norm of all of them (split evenly over A and B),
-    so an adapter with a large alpha / r does not own every cluster; zero updates stay as they are."""
-    norms = [math.sqrt(frobenius_norm_sq(f)) for f in factors]
-    live = [n for n in norms if n > _EPS]
-    if not live:
-        return factors
-    target = sum(live) / len(live)
-    out = []
-    for (lora_a, lora_b), norm in zip(factors, norms, strict=True):
-        root = math.sqrt(target / norm) if norm > _EPS else 1.0
-        out.append((lora_a * root, lora_b * root))
-    return out
-
-
-def ties_representatives(
-    units: torch.Tensor, labels: torch.Tensor, k: int, density: float, majority_sign: str
-) -> torch.Tensor:
-    """For each cluster, TIES inside the cluster: trim each member unit to its ``density`` largest entries,
-    elect a sign per coordinate, average the members that agree (meaningful on gauge-fixed units)."""
-    rows = [ties(units[labels == cluster], density, majority_sign) for cluster in range(k)]  # type: ignore[arg-type]
-    return torch.stack(rows)
-
-
-def rank1_representatives(
-    units: torch.Tensor, labels: torch.Tensor, k: int, d_in: int, divisors: torch.Tensor | None = None
-) -> torch.Tensor:
-    """For each cluster, the unit whose update is the best rank-1 approximation of the members' summed update,
-    divided by ``divisors[cluster]`` when given."""
-    rows = []
-    for cluster in range(k):
-        members = units[labels == cluster]
-        lora_a, lora_b = truncate(members[:, :d_in], members[:, d_in:].T, 1)
-        if divisors is not None:
-            # Split the division evenly between the halves, like the scale folding.
-            root = float(divisors[cluster]) ** 0.5
-            lora_a, lora_b = lora_a / root, lora_b / root
-        rows.append(torch.cat([lora_a[0], lora_b[:, 0]]).to(units.dtype))
-    return torch.stack(rows)
-
-
-def adapters_per_cluster(labels: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
-    """How many distinct input adapters have a unit in each cluster (TIES' disjoint mean, in rank space:
-    a direction only one adapter uses keeps its full size, one shared by several is averaged)."""
-    pairs = torch.unique(torch.stack([labels.cpu(), owner]), dim=1)
-    return torch.bincount(pairs[0], minlength=k).clamp_min(1)
-
-
-def cluster_labels(features: torch.Tensor, k: int, job: ModuleJob) -> torch.Tensor:
+def cluster_labels(features: torch.Tensor, k: int, params: RankwiseParams, seed: int) -> torch.Tensor:
     """k-means labels; with k >= N every unit is its own cluster (the exact ensemble)."""
     n = features.shape[0]
     if k >= n:
         return torch.arange(n, device=features.device)
-    options = job.options
-    return KMeans(k, n_init=options.n_init, max_iter=options.max_iter, seed=job.seed).fit(features).labels_
+    return KMeans(k, n_init=params.n_init, max_iter=params.max_iter, seed=seed).fit(features).labels_
 
 
 def pooled_labels(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, units: torch.Tensor, k: int, job: ModuleJob, variant: LegoVariant
+    lora_a: torch.Tensor, lora_b: torch.Tensor, units: torch.Tensor, k: int, job: ModuleJob, variant: RankwiseVariant
 ) -> torch.Tensor:
     """k-means labels of the pool's features in the smallest exact representation.
 
@@ -229,6 +195,7 @@ def pooled_labels(
     features' Gram matrix (from the factors, :func:`feature_gram`), so after one ``N^2 d`` product no distance
     pass depends on the hidden size; with N >= d the d-dimensional features themselves are the smaller form.
     """
+    params: RankwiseParams = job.params
     n, d_in = units.shape[0], lora_a.shape[1]
     if k >= n:
         return torch.arange(n, device=units.device)
@@ -236,50 +203,73 @@ def pooled_labels(
         if variant.gauge == "balanced":
             units = balance_gauge(units, d_in)
         features = directions(units, d_in) if variant.cluster_on == "directions" else units
-        return cluster_labels(features, k, job)
-    options = job.options
-    kmeans = KMeans(k, n_init=options.n_init, max_iter=options.max_iter, seed=job.seed)
+        return cluster_labels(features, k, params, job.seed)
+    kmeans = KMeans(k, n_init=params.n_init, max_iter=params.max_iter, seed=job.seed)
     return kmeans.fit_gram(feature_gram(lora_a, lora_b, variant)).labels_
 
 
-def rankwise_merge(job: ModuleJob, variant: LegoVariant) -> ModuleResult:
+def rankwise_merge(
+    job: ModuleJob,
+    variant: RankwiseVariant,
+    *,
+    prepare: Prepare | None = None,
+    represent: Represent | None = None,
+    scale: Scale | None = None,
+) -> ModuleResult:
+    """One module's rank-wise merge; the hooks replace a step for experiments (default: the variant's)."""
+    params: RankwiseParams = job.params
     ensemble = concat(job.factors)  # the exact weighted ensemble, the target of the output scale
-    lora_a, lora_b = concat(balance_adapters(job.factors)) if variant.balance else ensemble
+    lora_a, lora_b = concat(prepare(job.factors)) if prepare is not None else ensemble
     d_in = lora_a.shape[1]
     units = to_units(lora_a, lora_b)
-    k = min(job.rank if job.rank is not None else max(job.source_ranks), units.shape[0])
+    k = min(job.rank, units.shape[0])
     labels = pooled_labels(lora_a, lora_b, units, k, job, variant)
     if variant.gauge == "balanced":
         units = balance_gauge(units, d_in)
     owner = torch.repeat_interleave(torch.tensor(job.adapter_indices), torch.tensor(job.source_ranks))
-    if variant.representative in ("rank1", "rank1_mean"):
-        divisors = adapters_per_cluster(labels, owner, k) if variant.representative == "rank1_mean" else None
-        representatives = rank1_representatives(units, labels, k, d_in, divisors)
-    elif variant.representative == "ties":
-        representatives = ties_representatives(units, labels, k, variant.density, variant.majority_sign)
+    details: dict[str, object] = {"labels": labels.cpu(), "unit_adapter": owner}
+    if represent is not None:
+        representatives = represent(units, labels, k, d_in, owner)
     else:
         representatives = units if k == units.shape[0] else cluster_means(units, labels, k)[0]
-        if variant.param_reweight:
-            representatives = parameter_reweight(representatives, units, labels, variant.norm)
+        details["centroid_norms"] = unit_norms(representatives, params.norm).double().cpu().numpy()
+        if params.param_reweight:
+            representatives = parameter_reweight(representatives, units, labels, params.norm)
     new_a, new_b = from_units(representatives, d_in)
-    if variant.output_reweight:
-        if variant.output_scale != "sqrt_rank":
-            new_b = new_b * ensemble_scale((new_a, new_b), ensemble, variant.output_scale)
-        elif variant.representative == "mean":
-            # The paper's gamma compensates the sum of k averaged units; the other representatives are sums.
-            new_b = new_b * output_scale(job.source_ranks, k, variant.r_ref)
-    return ModuleResult(new_a, new_b, {"labels": labels.cpu(), "unit_adapter": owner})
+    if params.output_reweight:
+        if scale is not None:
+            new_b = new_b * scale((new_a, new_b), ensemble)
+        elif variant.output_scale == "least_squares":
+            new_b = new_b * least_squares_scale((new_a, new_b), ensemble)
+        elif represent is None:
+            # The paper's gamma compensates the sum of k averaged units; other representatives are sums.
+            new_b = new_b * output_scale(job.source_ranks, k, getattr(params, "r_ref", None))
+    return ModuleResult(new_a, new_b, details)
 
 
-@register("lego", "LoRA-LEGO: k-means of the pooled rank-1 units, centroids as ranks, dual reweighting")
+def kmeans_rank(params: RankwiseParams, request: RankRequest) -> int:
+    """k clusters of the pooled units: at most the pool's size."""
+    return min(request.rank if request.rank is not None else request.pool_size, request.pool_size)
+
+
+@register(
+    "lego",
+    "LoRA-LEGO: k-means of the pooled rank-1 units, centroids as ranks, dual reweighting",
+    params=LegoParams,
+    output_rank=kmeans_rank,
+    clusters=True,
+)
 def merge_lego(job: ModuleJob) -> ModuleResult:
-    return rankwise_merge(job, LegoVariant.resolve(job.options, PAPER))
+    return rankwise_merge(job, PAPER)
 
 
 @register(
     "lego+",
     "LoRA-LEGO with gauge-fixed direction clustering, scaled to fit the average ensemble (weights 1/n)",
+    params=RankwiseParams,
     average_by_default=True,
+    output_rank=kmeans_rank,
+    clusters=True,
 )
 def merge_lego_plus(job: ModuleJob) -> ModuleResult:
-    return rankwise_merge(job, LegoVariant.resolve(job.options, PLUS))
+    return rankwise_merge(job, PLUS)

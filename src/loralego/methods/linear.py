@@ -12,11 +12,19 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import ModuleJob, ModuleResult
+from .base import ModuleJob, ModuleResult, RankRequest
+
+
+def input_rank(params: object, request: RankRequest) -> int:
+    return request.source_ranks[0]
 
 
 @register(
-    "linear", "factor-wise weighted sum of A and B (as PEFT); equal ranks only", equal_ranks=True, takes_rank=False
+    "linear",
+    "factor-wise weighted sum of A and B (as PEFT); equal ranks only",
+    equal_ranks=True,
+    takes_rank=False,
+    output_rank=input_rank,
 )
 def merge_linear(job: ModuleJob) -> ModuleResult:
     lora_a = torch.stack([a for a, _ in job.factors]).sum(0)

@@ -11,5 +11,4 @@ from .base import ModuleJob, ModuleResult
 @register("svd", "best rank-k approximation (truncated SVD) of the weighted sum of the updates")
 def merge_svd(job: ModuleJob) -> ModuleResult:
     lora_a, lora_b = concat(job.factors)
-    rank = job.rank if job.rank is not None else lora_a.shape[0]
-    return ModuleResult(*truncate(lora_a, lora_b, rank))
+    return ModuleResult(*truncate(lora_a, lora_b, job.rank))

@@ -6,34 +6,43 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .. import __version__
 from ..adapters import Adapter, load
 from ..adapters.singlefile import write_text_atomically
+from ..diagnostics import ModuleCheck, VerifyReport, check_module, compared_modules, recorded_weights
 from ..errors import LoraLegoError
 from ..methods import METHODS
-from ..options import MergeOptions, make_options
+from ..msu import concat
+from ..pipeline import recorded_options
+from ..plan import MergePlan
 from .html import ReportPage, render
 from .plots import cluster_figures, metrics_figure, norms_figure
-from .stats import ModuleStats, ReportCollector, module_stats
+from .stats import ModuleStats, ReportCollector, module_stats, report_norm
 
 __all__ = ["ReportCollector", "check_report_path", "report_existing", "write_merge_report"]
 
 
-def check_report_path(path: str | Path, force: bool) -> None:
-    """Refuse an existing report before any work is done (the write itself is atomic)."""
+def figures_path(path: str | Path) -> Path:
+    """Where the report's figures go as JSON: ``report.html`` -> ``report.json``."""
     path = Path(path)
-    if path.is_dir():
-        raise LoraLegoError(f"{path}: report path is a folder, expected an .html file")
-    if path.exists() and not force:
-        raise LoraLegoError(f"{path}: report file already exists (use --force to replace it)")
+    if path.suffix.lower() in (".html", ".htm"):
+        return path.with_suffix(".json")
+    return path.with_name(path.name + ".json")
+
+
+def check_report_path(path: str | Path, force: bool) -> None:
+    """Refuse an existing report (or its JSON) before any work is done (the writes themselves are atomic)."""
+    for file in (Path(path), figures_path(path)):
+        if file.is_dir():
+            raise LoraLegoError(f"{file}: report path is a folder, expected a file")
+        if file.exists() and not force:
+            raise LoraLegoError(f"{file}: report file already exists (use --force to replace it)")
 
 
 def _input_rows(adapters: Sequence[Adapter], weights: Sequence[float]) -> list[dict[str, str]]:
@@ -71,7 +80,9 @@ def _render_to(
     norm: str,
     cluster_note: str | None,
     force: bool,
+    figures: dict[str, Any],
 ) -> float:
+    """Write the HTML page and, beside it, its figures as JSON (the fields of ``verify --json``)."""
     if not stats:
         raise LoraLegoError("the report has no modules to show")
     start = time.perf_counter()
@@ -80,88 +91,45 @@ def _render_to(
     norms = norms_figure(stats, norm)
     seconds = time.perf_counter() - start
     page.timings.append(("report rendering", seconds))
+    write_text_atomically(figures_path(path), json.dumps(figures, indent=2) + "\n", force=force)
     write_text_atomically(path, render(page, stats, metrics, clusters, norms, cluster_note), force=force)
     return seconds
+
+
+def _figures(report: VerifyReport, merged: str, inputs: Sequence[Adapter]) -> dict[str, Any]:
+    """The JSON ``loralego verify --json`` writes for the same merge."""
+    return {"merged": merged, "inputs": [str(a.path) if a.path else a.name for a in inputs], **report.to_dict()}
 
 
 def write_merge_report(
     path: str | Path,
     collector: ReportCollector,
     *,
-    method: str,
-    options: MergeOptions,
     command: str,
     output: str | Path,
     merge_seconds: float,
-    force: bool = False,
 ) -> Path:
     """The report of a merge that just ran with ``collector.on_module`` as its callback."""
     path = Path(path)
-    weights = list(options.weights) if options.weights is not None else [1.0] * len(collector.adapters)
+    plan: MergePlan = collector.plan
     page = ReportPage(
         title=f"loralego merge report: {Path(output).name}",
         command=command,
         timings=[("merge (with report statistics)", merge_seconds), ("report statistics", collector.seconds)],
         facts=[
             ("output", str(output)),
-            ("method", method),
+            ("method", plan.method.name),
             ("modules", str(len(collector.modules))),
             ("loralego", __version__),
         ],
-        inputs=_input_rows(collector.adapters, weights),
-        options_json=json.dumps(options.model_dump(mode="json", exclude={"force"}), indent=2, sort_keys=True),
+        inputs=_input_rows(plan.adapters, plan.weights),
+        options_json=json.dumps(recorded_options(plan), indent=2, sort_keys=True),
     )
-    names = [a.name for a in collector.adapters]
-    _render_to(path, page, collector.modules, names, options.norm, _cluster_note(collector.modules), force)
+    names = [a.name for a in plan.adapters]
+    figures = _figures(collector.figures(), str(output), plan.adapters)
+    note = _cluster_note(collector.modules)
+    _render_to(path, page, collector.modules, names, report_norm(plan), note, plan.options.force, figures)
     return path
-
-
-def _recorded(merged: Adapter, inputs: list[Adapter], notes: list[str]) -> tuple[str | None, MergeOptions]:
-    """The method and options recorded in the merged file's metadata (defaults when absent or unreadable)."""
-    meta = merged.metadata
-    method = meta.get("loralego.method")
-    try:
-        options = make_options(None, **json.loads(meta.get("loralego.options") or "{}"))
-    except (LoraLegoError, json.JSONDecodeError, TypeError):
-        notes.append("The merge options recorded in the metadata could not be read; defaults are assumed.")
-        options = MergeOptions()
-    if method is None:
-        notes.append(f"{merged.path}: no loralego merge record in its metadata; input weights of 1 are assumed.")
-    recorded = []
-    with contextlib.suppress(json.JSONDecodeError):
-        recorded = json.loads(meta.get("loralego.inputs") or "[]")
-    if recorded and len(recorded) == len(inputs):
-        for index, (entry, adapter) in enumerate(zip(recorded, inputs, strict=True)):
-            if entry.get("sha256") and adapter.sha256 and entry["sha256"] != adapter.sha256:
-                notes.append(
-                    f"Input {index} ({adapter.name}) is not the file the merge recorded ({entry.get('name')}, "
-                    f"sha256 {entry['sha256'][:16]}...): the figures compare against different inputs."
-                )
-        if options.weights is None:
-            options = make_options(options, weights=[float(entry.get("weight", 1.0)) for entry in recorded])
-    elif recorded:
-        notes.append(f"The merge recorded {len(recorded)} inputs but {len(inputs)} were given.")
-    if options.weights is not None and len(options.weights) != len(inputs):
-        options = make_options(options, weights=None)
-    return method, options
-
-
-def _reproduces(stored: tuple[torch.Tensor, torch.Tensor], recomputed: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    """Whether recomputed factors equal the stored ones (after the same cast; zero units padded by --target vllm
-    beyond the recomputed rank)."""
-    k = recomputed[0].shape[0]
-    stored_a = stored[0].reshape(stored[0].shape[0], -1)
-    stored_b = stored[1].reshape(stored[1].shape[0], -1)
-    if stored_a.shape[0] < k or stored_a.shape[1] != recomputed[0].shape[1]:
-        return False
-    if bool(stored_a[k:].any()) or bool(stored_b[:, k:].any()):
-        return False
-    for mine, theirs in ((recomputed[0], stored_a[:k]), (recomputed[1], stored_b[:, :k])):
-        mine = mine.to(theirs.dtype).float()
-        scale = float(theirs.float().abs().max()) or 1.0
-        if not torch.allclose(mine, theirs.float(), rtol=1e-3, atol=1e-5 * scale):
-            return False
-    return True
 
 
 def report_existing(
@@ -172,84 +140,62 @@ def report_existing(
     command: str,
     force: bool = False,
 ) -> Path:
-    """A report for a merge made earlier: the merged adapter against its inputs. Cluster heat maps come from
-    re-running the recorded method and options (a rank-wise merge is deterministic for a seed); a module
-    whose recomputed factors do not equal the stored ones gets no heat map, with a note."""
-    from ..pipeline import merge_module, plan_merge
-
+    """A report for a merge made earlier: the merged adapter against its inputs, at the weights the merge
+    recorded for them (else 1). Only the files are read: nothing is re-run, so there are no cluster heat maps
+    (``loralego merge --report`` has them, from the merge itself)."""
     out = Path(out)
     check_report_path(out, force)
     start = time.perf_counter()
     merged = load(merged_spec)
     inputs = [load(spec) for spec in input_specs]
     notes: list[str] = []
-    method, options = _recorded(merged, inputs, notes)
-    weights = list(options.weights) if options.weights is not None else [1.0] * len(inputs)
-    plan = None
-    if method in METHODS:
-        try:
-            plan = plan_merge(inputs, make_options(options, method=method, force=True, target=None, format=None))
-        except LoraLegoError as error:
-            notes.append(f"The recorded merge could not be re-run on these inputs ({error}); no cluster heat maps.")
-    missing = [m for m in merged.modules if not any(m in a.modules for a in inputs)]
-    if missing:
-        notes.append(f"{len(missing)} merged module(s) are in none of the inputs and are left out: {missing[0]}, ...")
+    weights = recorded_weights(merged, inputs)
+    if weights is None:
+        notes.append(
+            f"{merged.path or merged.name}: its merge record does not name these inputs (by hash); "
+            "input weights of 1 are assumed."
+        )
+        weights = [1.0] * len(inputs)
+    recorded = merged.metadata.get("loralego.options")
+    norm = "inf"
+    try:
+        parameters = json.loads(recorded).get("parameters", {}) if recorded else {}
+        if parameters.get("norm") in ("inf", "2"):
+            norm = parameters["norm"]
+    except (ValueError, AttributeError):
+        notes.append("The merge options recorded in the metadata could not be read.")
     stats: list[ModuleStats] = []
-    unreproduced = 0
-    rerun_seconds = 0.0
-    for module in merged.modules:
+    checks: list[ModuleCheck] = []
+    for module in compared_modules(merged, inputs):
         owners = [j for j, a in enumerate(inputs) if module in a.modules]
-        if not owners:
-            continue
-        details: dict = {}
-        if plan is not None:
-            tick = time.perf_counter()
-            result = merge_module(plan, module)
-            rerun_seconds += time.perf_counter() - tick
-            if _reproduces(merged.stored(module), (result.lora_a.cpu(), result.lora_b.cpu())):
-                details = result.details
-            else:
-                unreproduced += 1
         parts = [inputs[j].folded(module, weights[j]) for j in owners]
+        if module not in merged.modules:  # counted as lost in the figures, as verify does
+            notes.append(f"Module {module} of the inputs is missing from the merged adapter.")
+            checks.append(check_module(module, None, concat(parts)))
+            continue
         unit_owner = [j for j in owners for _ in range(inputs[j].modules[module].rank)]
         stats.append(
-            module_stats(
-                module,
-                parts,
-                unit_owner,
-                merged.folded(module),
-                details,
-                n_adapters=len(inputs),
-                method=method or "",
-                options=options,
-            )
+            module_stats(module, parts, unit_owner, merged.folded(module), {}, n_adapters=len(inputs), norm=norm)
         )
-    extra = None
-    if plan is not None and unreproduced:
-        extra = (
-            f"{unreproduced} module(s) were not reproduced by re-running the recorded options (other inputs, "
-            "version or hardware?) and have no heat map."
-        )
-    elif plan is not None and any(s.counts is not None for s in stats):
-        extra = (
-            "Recomputed by re-running the recorded method and options; "
-            "every shown module reproduced the stored factors."
-        )
-    elif method not in METHODS and method is not None:
-        extra = f"The recorded method {method!r} is unknown to this version: no cluster heat maps."
+        checks.append(stats[-1].check)
+    method = merged.metadata.get("loralego.method") or "unknown"
     page = ReportPage(
         title=f"loralego merge report: {Path(str(merged_spec)).name}",
         command=command,
-        timings=[("statistics (with re-run of the merge)", time.perf_counter() - start), ("re-run", rerun_seconds)],
+        timings=[("statistics", time.perf_counter() - start)],
         facts=[
             ("merged adapter", str(merged.path or merged_spec)),
-            ("method", method or "unknown"),
+            ("method", method),
             ("modules", str(len(stats))),
             ("loralego", __version__),
         ],
         inputs=_input_rows(inputs, weights),
-        options_json=json.dumps(options.model_dump(mode="json", exclude={"force"}), indent=2, sort_keys=True),
+        options_json=recorded or "{}",
         notes=notes,
     )
-    _render_to(out, page, stats, [a.name for a in inputs], options.norm, _cluster_note(stats, extra), force)
+    extra = None
+    if method in METHODS and METHODS[method].clusters:
+        extra = "A report of an earlier merge reads only the files: `loralego merge --report` shows the clusters."
+    figures = _figures(VerifyReport(checks, weights), str(merged.path or merged_spec), inputs)
+    _render_to(out, page, stats, [a.name for a in inputs], norm, _cluster_note(stats, extra), force, figures)
     return out

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters.base import Adapter
-from ..cluster import cluster_means
-from ..diagnostics import check_module
+from ..diagnostics import ModuleCheck, VerifyReport, check_module
 from ..methods.base import ModuleResult
 from ..msu import Factors, concat, to_units
-from ..options import MergeOptions
+from ..msu import unit_norms as _unit_norms
+from ..plan import MergePlan
 
 
 @dataclass
@@ -38,6 +37,7 @@ class ModuleStats:
     kept_energy: float
     input_norms: np.ndarray
     output_norms: np.ndarray
+    check: ModuleCheck  # the same figures as ``loralego verify``
     centroid_norms: np.ndarray | None = None
     counts: np.ndarray | None = None  # clusters x adapters (global adapter indices)
 
@@ -54,8 +54,7 @@ def layer_and_kind(module: str) -> tuple[str, str]:
 
 
 def unit_norms(units: torch.Tensor, norm: str) -> np.ndarray:
-    values = units.abs().amax(dim=1) if norm == "inf" else units.norm(dim=1)
-    return values.double().cpu().numpy()
+    return _unit_norms(units, norm).double().cpu().numpy()
 
 
 def _number(value: float | None) -> float:
@@ -68,29 +67,6 @@ def _nonzero(norms: np.ndarray) -> np.ndarray:
     return norms[norms > 0]
 
 
-def _mean_variant(method: str, options: MergeOptions) -> tuple[bool, str] | None:
-    """``(use means, gauge)`` of a rank-wise method, or None: plain centroid norms exist only for means."""
-    if method not in ("lego", "lego+"):
-        return None
-    try:
-        from ..methods.lego import PAPER, PLUS, LegoVariant
-    except ImportError:  # the paper-faithful lego only
-        return (True, "none") if method == "lego" else None
-    variant = LegoVariant.resolve(options, PAPER if method == "lego" else PLUS)
-    return (variant.representative == "mean", variant.gauge)
-
-
-def plain_centroids(units: torch.Tensor, labels: torch.Tensor, k: int, d_in: int, gauge: str) -> torch.Tensor:
-    """The cluster means a mean-representative merge takes before reweighting them."""
-    if gauge == "balanced":
-        from ..methods.lego import balance_gauge
-
-        units = balance_gauge(units, d_in)
-    if k >= units.shape[0] and torch.equal(labels.cpu(), torch.arange(units.shape[0])):
-        return units
-    return cluster_means(units, labels.to(units.device), k)[0]
-
-
 def module_stats(
     module: str,
     target_parts: list[Factors],
@@ -99,10 +75,10 @@ def module_stats(
     details: dict[str, Any],
     *,
     n_adapters: int,
-    method: str,
-    options: MergeOptions,
+    norm: str,
 ) -> ModuleStats:
-    """Everything the report shows about one module, from the folded input factors and the merged ones."""
+    """Everything the report shows about one module, from the folded input factors, the merged ones (as
+    written) and what the method returned in ``details`` (cluster labels, plain centroid norms)."""
     target = concat(target_parts)
     merged = (merged[0].float().cpu(), merged[1].float().cpu())
     units = to_units(*target)
@@ -117,8 +93,9 @@ def module_stats(
         target_norm=check.target_norm,
         relative_error=_number(check.relative_error),
         kept_energy=_number(check.energy_kept),
-        input_norms=unit_norms(units, options.norm),
-        output_norms=_nonzero(unit_norms(to_units(*merged), options.norm)),
+        input_norms=unit_norms(units, norm),
+        output_norms=_nonzero(unit_norms(to_units(*merged), norm)),
+        check=check,
     )
     labels = details.get("labels")
     if labels is not None and len(labels) == units.shape[0]:
@@ -129,47 +106,48 @@ def module_stats(
         counts = np.zeros((k, n_adapters), dtype=np.int64)
         np.add.at(counts, (labels.numpy(), owner.numpy()), 1)
         stats.counts = counts
-        variant = _mean_variant(method, options)
-        if variant is not None and variant[0]:
-            stats.centroid_norms = unit_norms(
-                plain_centroids(units, labels, k, target[0].shape[1], variant[1]), options.norm
-            )
+    if details.get("centroid_norms") is not None:
+        stats.centroid_norms = np.asarray(details["centroid_norms"], dtype=np.float64)
     return stats
+
+
+def report_norm(plan: MergePlan) -> str:
+    """The norm unit sizes are shown in: the method's parameter reweighting norm where it has one."""
+    return str(getattr(plan.params, "norm", "inf"))
 
 
 @dataclass
 class ReportCollector:
-    """Collects :class:`ModuleStats` during a merge: pass :meth:`on_module` as ``merge_to_folder``'s callback.
+    """Collects :class:`ModuleStats` during a merge: pass :meth:`on_module` as the pipeline's callback.
 
-    It reads each module's input factors once more (folded with the same weights), so the merge itself is
+    It reads each module's input factors once more (folded with the plan's weights), so the merge itself is
     unchanged; ``seconds`` is the time spent here.
     """
 
-    adapters: list[Adapter]
-    options: MergeOptions
-    method: str = ""
+    plan: MergePlan
     modules: list[ModuleStats] = field(default_factory=list)
     seconds: float = 0.0
 
-    def __post_init__(self) -> None:
-        self.method = self.method or self.options.method
-        self.weights = list(self.options.weights) if self.options.weights is not None else [1.0] * len(self.adapters)
-
-    def on_module(self, module: str, result: ModuleResult) -> None:
+    def on_module(self, module: str, result: ModuleResult, stored: tuple[torch.Tensor, torch.Tensor]) -> None:
         start = time.perf_counter()
-        owners = [j for j, adapter in enumerate(self.adapters) if module in adapter.modules]
-        parts = [self.adapters[j].folded(module, self.weights[j]) for j in owners]
-        unit_owner = [j for j in owners for _ in range(self.adapters[j].modules[module].rank)]
+        plan = self.plan
+        owners = plan.modules[module].adapter_indices
+        parts = [plan.adapters[j].folded(module, plan.weights[j]) for j in owners]
+        unit_owner = [j for j in owners for _ in range(plan.adapters[j].modules[module].rank)]
+        merged = (stored[0].reshape(stored[0].shape[0], -1), stored[1].reshape(stored[1].shape[0], -1))
         self.modules.append(
             module_stats(
                 module,
                 parts,
                 unit_owner,
-                (result.lora_a, result.lora_b),
+                merged,
                 result.details,
-                n_adapters=len(self.adapters),
-                method=self.method,
-                options=self.options,
+                n_adapters=len(plan.adapters),
+                norm=report_norm(plan),
             )
         )
         self.seconds += time.perf_counter() - start
+
+    def figures(self) -> VerifyReport:
+        """The merge's figures as ``loralego verify`` computes them from the written file."""
+        return VerifyReport([stats.check for stats in self.modules], list(self.plan.weights))
