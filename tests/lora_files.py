@@ -28,8 +28,45 @@ SDXL_KOHYA = {
 FLUX_KOHYA = {
     "lora_unet_double_blocks_0_img_attn_qkv": ("linear", 32, 96),
     "lora_unet_double_blocks_0_txt_mlp_0": ("linear", 32, 64),
-    "lora_unet_single_blocks_0_linear1": ("linear", 32, 80),
+    "lora_unet_single_blocks_0_linear1": ("linear", 32, 96 + 128),  # q, k, v (32 each) and the 4x MLP
 }
+# The canonical (diffusers) module names of the kohya modules above, written out by hand.
+KOHYA_CANONICAL = {
+    "lora_unet_down_blocks_0_attentions_0_proj_in": ["unet.down_blocks.0.attentions.0.proj_in"],
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    ],
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    ],
+    "lora_unet_down_blocks_0_resnets_0_conv1": ["unet.down_blocks.0.resnets.0.conv1"],
+    "lora_unet_mid_block_attentions_0_proj_out": ["unet.mid_block.attentions.0.proj_out"],
+    "lora_te_text_model_encoder_layers_0_mlp_fc1": ["text_encoder.text_model.encoder.layers.0.mlp.fc1"],
+    "lora_te_text_model_encoder_layers_1_self_attn_q_proj": [
+        "text_encoder.text_model.encoder.layers.1.self_attn.q_proj"
+    ],
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": [
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    ],
+    "lora_unet_input_blocks_4_1_proj_in": ["unet.down_blocks.1.attentions.0.proj_in"],
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": [
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    ],
+    "lora_te2_text_model_encoder_layers_0_mlp_fc2": ["text_encoder_2.text_model.encoder.layers.0.mlp.fc2"],
+    "lora_unet_double_blocks_0_img_attn_qkv": [f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv"],
+    "lora_unet_double_blocks_0_txt_mlp_0": ["transformer.transformer_blocks.0.ff_context.net.0.proj"],
+    "lora_unet_single_blocks_0_linear1": [
+        *(f"transformer.single_transformer_blocks.0.attn.to_{x}" for x in "qkv"),
+        "transformer.single_transformer_blocks.0.proj_mlp",
+    ],
+}
+
+
+def canonical(modules: dict[str, tuple[str, int, int]]) -> list[str]:
+    """The sorted canonical module names of a kohya module table."""
+    return sorted(name for module in modules for name in KOHYA_CANONICAL[module])
+
+
 SD_DIFFUSERS = {
     "unet.down_blocks.0.attentions.0.proj_in": ("conv1x1", 32, 32),
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": ("linear", 32, 32),

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_updates_close, dense_updates, summed_updates
-from lora_files import FLUX_KOHYA, SD15_KOHYA, SD_DIFFUSERS, SDXL_KOHYA, make_diffusers, make_kohya
+from lora_files import (
+    FLUX_KOHYA,
+    SD15_KOHYA,
+    SD_DIFFUSERS,
+    SDXL_KOHYA,
+    canonical,
+    make_diffusers,
+    make_kohya,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -19,9 +27,10 @@ from loralego.cli import main
 from loralego.methods import METHODS
 from loralego.vllm import VLLM_RANKS, check_vllm, check_vllm_folder
 
-CONV_1X1 = "lora_unet_down_blocks_0_attentions_0_proj_in"
-CONV_3X3 = "lora_unet_down_blocks_0_resnets_0_conv1"
-LINEAR = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+KOHYA_CONV_3X3 = "lora_unet_down_blocks_0_resnets_0_conv1"
+CONV_1X1 = "unet.down_blocks.0.attentions.0.proj_in"
+CONV_3X3 = "unet.down_blocks.0.resnets.0.conv1"
+LINEAR = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -33,7 +42,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def kohya_pair(tmp_path: Path) -> list[Path]:
     """Two SD 1.5 kohya LoRAs: ranks 4 and 6, alphas 3 and 12, one module without an alpha."""
     return [
-        make_kohya(tmp_path / "in" / "style_a.safetensors", rank=4, alpha=3.0, seed=1, no_alpha=(CONV_3X3,)),
+        make_kohya(tmp_path / "in" / "style_a.safetensors", rank=4, alpha=3.0, seed=1, no_alpha=(KOHYA_CONV_3X3,)),
         make_kohya(tmp_path / "in" / "style_b.safetensors", rank=6, alpha=12.0, seed=2),
     ]
 
@@ -61,7 +70,7 @@ def diffusers_pair(tmp_path: Path) -> list[Path]:
 def test_kohya_reader_keeps_names_shapes_and_alphas(kohya_pair):
     adapter = loralego.load(kohya_pair[0])
     assert adapter.format == "kohya" and adapter.name == "style_a"
-    assert sorted(adapter.modules) == sorted(SD15_KOHYA)  # names kept exactly
+    assert sorted(adapter.modules) == canonical(SD15_KOHYA)  # canonical (diffusers) names
     conv3 = adapter.modules[CONV_3X3]
     assert conv3.a_shape == (4, 16, 3, 3) and conv3.b_shape == (32, 4, 1, 1) and conv3.d_in == 16 * 9
     assert adapter.modules[CONV_1X1].a_shape == (4, 32, 1, 1)
@@ -79,9 +88,9 @@ def test_kohya_sdxl_and_flux_prefixes_merge_exactly(tmp_path, modules):
         for i, a in ((1, 2.0), (2, 8.0))
     ]
     adapters = [loralego.load(p) for p in paths]
-    assert sorted(adapters[0].modules) == sorted(modules)
+    assert sorted(adapters[0].modules) == canonical(modules)
     merged = loralego.merge(adapters, method="cat")
-    assert merged.format == "kohya"
+    assert merged.format == ("kohya-sgm" if modules is SDXL_KOHYA else "kohya")  # SDXL's sgm UNet names kept
     assert_updates_close(dense_updates(merged), summed_updates(adapters))
 
 
@@ -136,8 +145,8 @@ def test_kohya_output_keeps_input_metadata_and_records_the_merge(kohya_pair, tmp
     assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "4"
     with safe_open(str(out), "pt") as handle:
         keys = set(handle.keys())
-        assert float(handle.get_tensor(f"{CONV_3X3}.alpha")) == 4.0  # scale 1: alpha = rank
-        assert tuple(handle.get_tensor(f"{CONV_3X3}.lora_down.weight").shape) == (4, 16, 3, 3)
+        assert float(handle.get_tensor(f"{KOHYA_CONV_3X3}.alpha")) == 4.0  # scale 1: alpha = rank
+        assert tuple(handle.get_tensor(f"{KOHYA_CONV_3X3}.lora_down.weight").shape) == (4, 16, 3, 3)
     assert keys == {f"{m}.{s}" for m in SD15_KOHYA for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     before = out.read_bytes()
     loralego.merge_to_folder([loralego.load(p) for p in kohya_pair], out, rank=4, seed=3, force=True)
@@ -152,7 +161,7 @@ def test_every_method_merges_kohya_files(method, tmp_path):
     out = tmp_path / "out.safetensors"
     loralego.merge_to_folder([loralego.load(p) for p in paths], out, method=method, rank=4)
     merged = loralego.load(out)
-    assert merged.format == "kohya" and sorted(merged.modules) == sorted(SD15_KOHYA)
+    assert merged.format == "kohya" and sorted(merged.modules) == canonical(SD15_KOHYA)
     assert len(merged.modules[CONV_3X3].a_shape) == 4
     assert all(bool(torch.isfinite(t).all()) for m in merged.modules for t in merged.stored(m))
 
@@ -180,25 +189,25 @@ def test_peft_to_diffusers_and_back_is_exact(mixed_adapters, tmp_path):
     assert_updates_close(dense_updates(back), summed_updates(adapters))
 
 
-def test_kohya_conversions_are_refused(kohya_pair, mixed_adapters, tmp_path):
-    with pytest.raises(loralego.LoraLegoError, match="kohya module names flatten dots"):
-        loralego.merge_to_folder([loralego.load(p) for p in kohya_pair], tmp_path / "o", format="peft")
-    with pytest.raises(loralego.LoraLegoError, match="cannot write peft inputs as kohya"):
+def test_conversions_without_names_are_refused(kohya_pair, mixed_adapters, tmp_path):
+    """A language model's modules have no kohya names; kohya SD modules convert (canonical names)."""
+    with pytest.raises(loralego.LoraLegoError, match="has no name in the kohya layout"):
         loralego.merge_to_folder([loralego.load(mixed_adapters[0])], tmp_path / "o.safetensors", format="kohya")
     with pytest.raises(loralego.LoraLegoError, match=r"ending in \.safetensors"):
         loralego.merge_to_folder([loralego.load(p) for p in kohya_pair], tmp_path / "folder-out")
-    assert not (tmp_path / "o").exists() and not (tmp_path / "folder-out").exists()
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "folder-out").exists()
+    loralego.merge_to_folder([loralego.load(p) for p in kohya_pair], tmp_path / "as-peft", method="cat", format="peft")
+    assert sorted(loralego.load(tmp_path / "as-peft").modules) == canonical(SD15_KOHYA)
 
 
 @pytest.mark.parametrize(
     ("key", "feature"),
     [
         ("lora_unet_x.hada_w1_a", "LoHa"),
-        ("lora_unet_x.lora_mid.weight", "lora_mid"),
         ("lora_unet_x.dora_scale", "DoRA"),
         ("lora_unet_x.diff", "full weight differences"),
         ("lora_unet_x.lora_up.bias", "bias"),
-        ("lora_unet_x.something", "not a kohya LoRA tensor"),
+        ("lora_unet_x.something", "not a LoRA tensor"),
     ],
 )
 def test_non_lora_kohya_tensors_are_refused(tmp_path, key, feature):
@@ -218,7 +227,7 @@ def test_single_file_write_is_all_or_nothing(kohya_pair, tmp_path):
     assert out.read_bytes() == b"keep me"
 
     def failing():
-        yield "m", torch.zeros(2, 3), torch.zeros(4, 2)
+        yield "unet.m", torch.zeros(2, 3), torch.zeros(4, 2)
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -340,7 +349,7 @@ def test_hub_ids_resolve_from_the_local_cache_only(mixed_adapters, kohya_pair, t
     assert peft_adapter.format == "peft" and peft_adapter.name == "acme/task-lora"
     assert peft_adapter.sha256 == loralego.load(mixed_adapters[0]).sha256
     kohya_adapter = loralego.load("acme/style-lora")  # a snapshot holding one .safetensors file
-    assert kohya_adapter.format == "kohya" and sorted(kohya_adapter.modules) == sorted(SD15_KOHYA)
+    assert kohya_adapter.format == "kohya" and sorted(kohya_adapter.modules) == canonical(SD15_KOHYA)
 
     assert main(["inspect", "acme/task-lora"]) == 0
     assert "tiny-llama-for-tests" in capsys.readouterr().out

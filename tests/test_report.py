@@ -133,7 +133,7 @@ def test_report_of_kohya_merge_without_clusters(tmp_path):
     page = report_existing(out, inputs, tmp_path / "svd.html", command="test")
     html = page.read_text(encoding="utf-8")
     assert len(_check_self_contained(html)) == 2  # no cluster heat maps for svd
-    assert "does not cluster units" in html and "lora_unet_down_blocks_0_resnets_0_conv1" in html
+    assert "does not cluster units" in html and "unet.down_blocks.0.resnets.0.conv1" in html  # canonical name
 
 
 @pytest.mark.parametrize(

@@ -263,16 +263,16 @@ def test_weights_unreadable_by_mode(request, capsys, inputs):
 
 def test_weights_permission_denied(request, capsys, inputs, monkeypatch):
     bad, good = inputs("a"), inputs("b")
-    from loralego.adapters import peft
+    from loralego.adapters import safetensors_read
 
-    real = peft.safe_open
+    real = safetensors_read.parse_header
 
-    def denied(path: str, *args: Any, **kwargs: Any) -> Any:
+    def denied(path: Path, *args: Any, **kwargs: Any) -> Any:
         if Path(path) == bad / WEIGHTS:
-            raise PermissionError(errno.EACCES, "Permission denied", path)
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(peft, "safe_open", denied)
+    monkeypatch.setattr(safetensors_read, "parse_header", denied)
     check_refused(request, capsys, [bad, good], [str(bad / WEIGHTS), "Permission denied"])
 
 

@@ -69,6 +69,10 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 "--rank-override", dest=name, action="append", default=None, metavar="PATTERN=K", help=help_text
             )
+        elif name == "weight_overrides":  # per input, given as repeated I:PATTERN=W (parsed by MergeOptions)
+            parser.add_argument(
+                "--weight-override", dest=name, action="append", default=None, metavar="I:PATTERN=W", help=help_text
+            )
         elif name == "weights":
             parser.add_argument(_flag(name), dest=name, nargs="+", type=float, metavar="W", help=help_text)
         elif name == "method":
@@ -204,7 +208,13 @@ def execute_merge(
 
         check_report_path(report, options.force)
     started = time.perf_counter()
-    plan = plan_merge([load(path) for path in inputs], options)
+    adapters = [load(path, convert_to_lora=options.convert_to_lora) for path in inputs]
+    if not quiet:
+        for adapter in adapters:  # LoHa / LoKr modules converted to LoRA: what the truncation kept
+            for module, energy in adapter.conversions.items():
+                rank = adapter.modules[module].rank
+                print(f"{adapter.name}: {module}: converted to LoRA rank {rank}, kept energy {energy:.6f}")
+    plan = plan_merge(adapters, options)
     collector = None
     if report is not None:
         from .report import ReportCollector

@@ -59,8 +59,22 @@ class MergeOptions(BaseModel):
         None, description="address of an existing Ray cluster for --executor ray (default: start a local one)"
     )
     force: bool = Field(False, description="overwrite an existing output; merge adapters of different base models")
-    format: Literal["peft", "kohya", "diffusers"] | None = Field(
-        None, description="output format; default: the inputs' (peft <-> diffusers convert, kohya does not)"
+    format: Literal["peft", "kohya", "kohya-sgm", "diffusers"] | None = Field(
+        None,
+        description="output format: peft (folder), kohya (one file; diffusers-style UNet names, BFL Flux names), "
+        "kohya-sgm (kohya with SDXL's input_blocks names) or diffusers (save_lora_weights' layout); default: the "
+        "first input's (see docs/formats.md)",
+    )
+    convert_to_lora: int | None = Field(
+        None,
+        description="convert LoHa / LoKr modules to LoRA of this rank by truncated SVD of their update (the kept "
+        "energy is printed per module); without it they are refused",
+    )
+    weight_overrides: list[dict[str, float]] | None = Field(
+        None,
+        description="per input, the weight of the modules matching a pattern (same patterns as --rank-override), "
+        "as I:PATTERN=W with I the input's position from 1 (repeatable); the most specific match wins, other "
+        "modules keep the input's --weights value",
     )
     target: Literal["vllm"] | None = Field(
         None,
@@ -97,6 +111,20 @@ class MergeOptions(BaseModel):
         from .overrides import validate_overrides
 
         return validate_overrides(value)  # type: ignore[arg-type]
+
+    @field_validator("convert_to_lora")
+    @classmethod
+    def _convert_rank_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be >= 1")
+        return value
+
+    @field_validator("weight_overrides", mode="before")
+    @classmethod
+    def _parse_weight_overrides(cls, value: object) -> list[dict[str, float]] | None:
+        from .overrides import validate_weight_overrides
+
+        return validate_weight_overrides(value)  # type: ignore[arg-type]
 
     @field_validator("weights")
     @classmethod

@@ -54,6 +54,49 @@ def validate_overrides(value: Mapping[str, int] | Iterable[str] | None) -> dict[
     return result
 
 
+def validate_weight_overrides(value: object) -> list[dict[str, float]] | None:
+    """Per-input ``{pattern: weight}`` maps from a list of maps (recipes, Python) or ``I:PATTERN=W`` strings
+    (the CLI; I counts inputs from 1). Patterns compiled, weights finite."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError("expected a list (one {pattern: weight} map per input) or I:PATTERN=W strings")
+    if all(isinstance(item, str) for item in value) and value:
+        maps: list[dict[str, float]] = []
+        for item in value:
+            index, sep, rest = item.partition(":")
+            pattern, eq, weight = rest.rpartition("=")
+            if not sep or not eq or not index.isdigit() or int(index) < 1 or not pattern:
+                raise ValueError(f"{item!r} is not I:PATTERN=W (I: the input's position, from 1)")
+            while len(maps) < int(index):
+                maps.append({})
+            try:
+                maps[int(index) - 1][pattern] = float(weight)
+            except ValueError:
+                raise ValueError(f"{item!r}: W must be a number") from None
+        value = maps
+    result: list[dict[str, float]] = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise ValueError("each input's overrides must map patterns to weights")
+        checked: dict[str, float] = {}
+        for pattern, weight in item.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"pattern {pattern!r} must be a non-empty string")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"pattern {pattern!r} is not a valid regular expression ({error})") from None
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != weight or abs(
+                    weight) == float("inf"):  # fmt: skip
+                raise ValueError(f"pattern {pattern!r}: the weight must be a finite number, got {weight!r}")
+            checked[pattern] = float(weight)
+        result.append(checked)
+    return result
+
+
 def _match_length(pattern: str, module: str) -> int:
     """Length of the longest match of ``pattern`` on whole name parts of ``module``; -1 if none."""
     sep = re.escape("." if "." in module else "_")
@@ -63,8 +106,8 @@ def _match_length(pattern: str, module: str) -> int:
     return best
 
 
-def override_for(overrides: Mapping[str, int], module: str) -> int | None:
-    """The k of the most specific pattern matching ``module``, or None if none matches."""
+def override_for(overrides: Mapping[str, float], module: str) -> float | None:
+    """The value (a rank k, a weight) of the most specific pattern matching ``module``, or None if none does."""
     best: tuple[int, str] | None = None
     for pattern in overrides:
         length = _match_length(pattern, module)
@@ -76,7 +119,7 @@ def override_for(overrides: Mapping[str, int], module: str) -> int | None:
     return overrides[best[1]] if best is not None else None
 
 
-def unused_patterns(overrides: Mapping[str, int], modules: Iterable[str]) -> list[str]:
+def unused_patterns(overrides: Mapping[str, float], modules: Iterable[str]) -> list[str]:
     """Patterns that match no module (a typo, or a module the inputs do not adapt)."""
     modules = list(modules)
     return [p for p in overrides if not any(_match_length(p, m) >= 0 for m in modules)]

@@ -74,7 +74,10 @@ def module_rank(plan: MergePlan, module: ModulePlan, factors: list[Factors]) -> 
 def read_module(plan: MergePlan, module: str) -> list[Factors]:
     """Read and fold one module's factors from every input that has it (in input order), checked."""
     spec = plan.modules[module]
-    factors = [plan.adapters[j].folded(module, plan.weights[j], plan.device) for j in spec.adapter_indices]
+    factors = [
+        plan.adapters[j].folded(module, weight, plan.device)
+        for j, weight in zip(spec.adapter_indices, spec.weights, strict=True)
+    ]
     for j, pair in zip(spec.adapter_indices, factors, strict=True):
         _check_folded(plan.adapters[j], module, pair)
     return factors

@@ -38,6 +38,7 @@ class ModulePlan:
     rank_requested: bool
     a_shape: tuple[int, ...]  # stored shapes of the output (conv kernels kept), at rank 1
     b_shape: tuple[int, ...]
+    weights: tuple[float, ...] = ()  # each input's weight on this module (--weights, or a --weight-override)
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,7 @@ def _check_compatible(adapters: list[Adapter], force: bool) -> list[str]:
         warnings.append(message + "; merging anyway (--force)")
     if len({a.fan_in_fan_out for a in adapters}) > 1:
         raise LoraLegoError("adapters disagree on fan_in_fan_out; they cannot share one output")
-    if len({a.format for a in adapters}) > 1:
-        raise LoraLegoError("adapters are in different formats: " + ", ".join(sorted({a.format for a in adapters})))
+    # Inputs of different formats share canonical module names (adapters/names.py): they merge layer by layer.
     shapes: dict[str, tuple[tuple[int, ...], int, str]] = {}
     for adapter in adapters:
         for module, info in adapter.modules.items():
@@ -147,6 +147,24 @@ def _weights(options: MergeOptions, method: MergeMethod, n: int) -> list[float]:
     return list(options.weights)
 
 
+def _module_weight(options: MergeOptions, weights: list[float], index: int, module: str) -> float:
+    """Input ``index``'s weight on ``module``: its most specific ``--weight-override``, else its ``--weights``."""
+    overrides = options.weight_overrides or []
+    override = override_for(overrides[index], module) if index < len(overrides) else None
+    return weights[index] if override is None else float(override)
+
+
+def _weight_override_warnings(options: MergeOptions, adapters: list[Adapter]) -> list[str]:
+    overrides = options.weight_overrides or []
+    if len(overrides) > len(adapters):
+        raise LoraLegoError(f"--weight-override {len(overrides)}:...: there are only {len(adapters)} inputs")
+    return [
+        f"--weight-override {index + 1}:{pattern}: matches no module of {adapters[index].name}"
+        for index, patterns in enumerate(overrides)
+        for pattern in unused_patterns(patterns, adapters[index].modules)
+    ]
+
+
 def _plan_module(
     name: str,
     adapters: list[Adapter],
@@ -154,6 +172,7 @@ def _plan_module(
     params: MethodParams,
     options: MergeOptions,
     rank: int | None,
+    weights: list[float],
 ) -> ModulePlan:
     indices = tuple(j for j, adapter in enumerate(adapters) if name in adapter.modules)
     infos = [adapters[j].modules[name] for j in indices]
@@ -182,6 +201,7 @@ def _plan_module(
         rank_requested=requested,
         a_shape=(1, *infos[0].a_shape[1:]),
         b_shape=(infos[0].b_shape[0], 1, *infos[0].b_shape[2:]),
+        weights=tuple(_module_weight(options, weights, j, name) for j in indices),
     )
 
 
@@ -212,8 +232,9 @@ def plan_merge(adapters: list[Adapter], options: MergeOptions) -> MergePlan:
     if rank is None and not method.exact_by_default and options.energy is None:
         rank = max(info.rank for a in adapters for info in a.modules.values())
     names = sorted({m for a in adapters for m in a.modules}, key=natural_key)
-    modules = {name: _plan_module(name, adapters, method, params, options, rank) for name in names}
+    modules = {name: _plan_module(name, adapters, method, params, options, rank, weights) for name in names}
     warnings += [f"--rank-override {p}: matches no module" for p in unused_patterns(options.rank_overrides, names)]
+    warnings += _weight_override_warnings(options, adapters)
     plan = MergePlan(
         adapters=adapters,
         options=options,

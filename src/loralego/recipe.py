@@ -43,6 +43,7 @@ class RecipeInput(BaseModel):
 
     path: str = Field(min_length=1)
     weight: float | None = None
+    weight_overrides: dict[str, float] | None = None  # this input's weight on modules matching a pattern
 
 
 class RecipeModel(BaseModel):
@@ -92,8 +93,15 @@ def _one_line(error: ValidationError) -> str:
     return f"{where}: {message}"
 
 
-def _options(path: Path, options: dict[str, Any], weights: list[float | None]) -> MergeOptions:
-    """The merge options of a recipe: its option keys (flat or under ``parameters:``) and per-input weights."""
+def _options(
+    path: Path, options: dict[str, Any], weights: list[float | None], overrides: list[dict[str, float] | None]
+) -> MergeOptions:
+    """The merge options of a recipe: its option keys (flat or under ``parameters:``), per-input weights and
+    per-input weight overrides."""
+    if any(item is not None for item in overrides):
+        if options.get("weight_overrides") is not None:
+            raise LoraLegoError(f"{path}: weight_overrides: give them per input or as 'weight_overrides:', not both")
+        options = {**options, "weight_overrides": [item or {} for item in overrides]}
     if any(weight is not None for weight in weights):
         if options.get("weights") is not None:
             raise LoraLegoError(f"{path}: weights: give weights per input or as 'weights:', not both")
@@ -121,7 +129,9 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         model = RecipeModel.model_validate(own)
     except ValidationError as error:
         raise LoraLegoError(f"{path}: {_one_line(error)}") from None
-    merge_options = _options(path, options, [item.weight for item in model.inputs])
+    merge_options = _options(
+        path, options, [item.weight for item in model.inputs], [item.weight_overrides for item in model.inputs]
+    )
     base = path.parent
     return Recipe(
         path=path,

@@ -3,10 +3,10 @@
 The rules, from vLLM's documentation and its PEFT loading conventions (``LoRAConfig.max_lora_rank``, the
 PEFT helper's feature checks, the LoRA weight-name parser):
 
-- ``--max-lora-rank`` takes one of 8, 16, 32, 64, 128, 256, 320, 512 and must be at least the adapter's
-  rank; vLLM scales every module by one ``lora_alpha / r`` from the config and ignores ``rank_pattern`` /
-  ``alpha_pattern``. So the output has one rank ``r`` from that list for every module and ``lora_alpha = r``
-  (scale 1, what a merge produces), with no per-module patterns.
+- ``--max-lora-rank`` takes one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (vLLM's ``MaxLoRARanks``) and must be
+  at least the adapter's rank; vLLM scales every module by one ``lora_alpha / r`` from the config and ignores
+  ``rank_pattern`` / ``alpha_pattern``. So the output has one rank ``r`` from that list for every module and
+  ``lora_alpha = r`` (scale 1, what a merge produces), with no per-module patterns.
 - no ``modules_to_save``, no DoRA, no LoRA bias (``bias: none``);
 - tensor names ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``; 2-D factors only (vLLM
   serves language models: no conv LoRAs), ``lora_A`` ``r x d_in`` and ``lora_B`` ``d_out x r``.
@@ -31,7 +31,7 @@ from .adapters.base import Adapter
 from .adapters.peft import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from .errors import LoraLegoError
 
-VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _KEY = re.compile(rf"^{re.escape(PREFIX)}(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
 
 TensorSpec = tuple[tuple[int, ...], str]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -40,6 +41,61 @@ def natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+# Tensor-name fragments of adapters that are not plain LoRA, and what to call them in the one-line refusal:
+# one table for every reader. LoHa / LoKr / lora_mid are converted by the single-file reader, so they are
+# refused here only where no conversion applies (PEFT folders: their peft_type is refused first anyway).
+UNSUPPORTED_FEATURES = {
+    "dora_scale": "DoRA (its magnitude vector rescales the whole weight, which no LoRA merge can carry)",
+    "lora_magnitude_vector": "DoRA (its magnitude vector rescales the whole weight, which no LoRA merge can carry)",
+    "oft_": "OFT",
+    "ia3_l": "IA3",
+    "lora_embedding_A": "LoRA on embedding layers",
+    "lora_embedding_B": "LoRA on embedding layers",
+    "lora_E": "AdaLoRA",
+    "modules_to_save": "modules_to_save (fully trained modules)",
+    "lora_diag": "KaSA (kasa_config)",
+}
+PEFT_ONLY_FEATURES = {"hada_w": "LoHa", "lokr_w": "LoKr"}
+
+
+def unsupported_feature(key: str, extra: dict[str, str] | None = None) -> str | None:
+    """The name of the non-LoRA network a tensor belongs to, if its name says so."""
+    for fragment, feature in {**UNSUPPORTED_FEATURES, **(extra or {})}.items():
+        if fragment in key:
+            return feature
+    if key.endswith((".diff", ".diff_b")):
+        return "full weight differences (.diff)"
+    return None
+
+
+def check_factor_shapes(
+    path: Path, module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], names: tuple[str, str]
+) -> None:
+    """Linear (``r x in``, ``out x r``) or conv (``r x in x kh x kw``, ``out x r x 1 x 1``) factors of one rank."""
+    linear = len(a_shape) == 2 and len(b_shape) == 2
+    conv = len(a_shape) == 4 and len(b_shape) == 4 and b_shape[2:] == (1, 1)
+    down, up = names
+    if not (linear or conv):
+        raise LoraLegoError(
+            f"{path}: module {module}: {down} {list(a_shape)} and {up} {list(b_shape)} are not LoRA factor shapes"
+        )
+    if 0 in a_shape or 0 in b_shape:
+        raise LoraLegoError(f"{path}: module {module}: rank 0 or empty factor")
+    if a_shape[0] != b_shape[1]:
+        raise LoraLegoError(f"{path}: module {module}: {down} has rank {a_shape[0]} but {up} has rank {b_shape[1]}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as error:
+        raise LoraLegoError(f"{path}: cannot read: {error.strerror or error}") from None
+    return digest.hexdigest()
+
+
 # Loads the stored (A, B) tensors of one module, in their file dtype and shape.
 TensorLoader = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,6 +117,8 @@ class Adapter:
     sha256: str | None = None
     use_rslora: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    # Kept energy of each module converted to LoRA by truncated SVD (LoHa / LoKr, --convert-to-lora).
+    conversions: dict[str, float] = field(default_factory=dict)
 
     @property
     def base_model(self) -> str | None:

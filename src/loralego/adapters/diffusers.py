@@ -12,7 +12,7 @@ the same modules as its PEFT folder.
 from __future__ import annotations
 
 import json
-import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,33 +20,16 @@ from typing import Any
 import torch
 
 from ..errors import LoraLegoError
-from .base import Adapter
-from .peft import PREFIX, pattern_value
-from .safetensors_stream import SafetensorsStreamWriter
-from .singlefile import (
-    alpha_tensor,
-    atomic_file,
-    build_adapter,
-    open_safetensors,
-    pair_factors,
-    read_alpha,
-    require_safetensors_path,
-    unsupported_feature,
-)
+from .names import component_of
+from .peft import pattern_value
+from .singlefile import write_single_file
 
 FORMAT = "diffusers"
 METADATA_KEY = "lora_adapter_metadata"
-_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)\.weight$")
-_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
-_OLD_FORMAT = re.compile(r"\.lora\.(down|up)\.weight$|_lora\.(down|up)\.weight$|lora_linear_layer")
 _CONFIG_FIELDS = ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "use_dora", "target_modules")
 
 
-def is_diffusers_key(key: str) -> bool:
-    return _FACTOR.match(key) is not None
-
-
-def _metadata_configs(metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
+def metadata_configs(metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
     """The LoRA configs in ``lora_adapter_metadata``: ``{"": config}`` when bare (one config for every
     module), else ``{component: config}`` from keys like ``transformer.lora_alpha``."""
     raw = metadata.get(METADATA_KEY)
@@ -68,7 +51,7 @@ def _metadata_configs(metadata: dict[str, str], path: Path) -> dict[str, dict[st
     return configs
 
 
-def _metadata_alpha(configs: dict[str, dict[str, Any]], module: str, path: Path) -> float | None:
+def metadata_alpha(configs: dict[str, dict[str, Any]], module: str, path: Path) -> float | None:
     if "" in configs:
         config, relative = configs[""], module
     else:
@@ -86,62 +69,45 @@ def _metadata_alpha(configs: dict[str, dict[str, Any]], module: str, path: Path)
     return float(alpha)
 
 
-def load_diffusers(path: str | Path, name: str | None = None) -> Adapter:
-    """Open a diffusers-style LoRA file lazily: headers, alphas and metadata are read, factors on demand."""
-    path = Path(path)
-    weights = open_safetensors(path)
-    groups: dict[str, dict[str, str]] = {}
-    alpha_keys: dict[str, str] = {}
-    for key in weights.keys:
-        feature = unsupported_feature(key)
-        if feature is not None:
-            raise LoraLegoError(f"{path}: tensor {key}: {feature} is not supported (only plain LoRA)")
-        factor = _FACTOR.match(key)
-        alpha = _ALPHA.match(key)
-        if factor is not None:
-            module = factor["module"].removeprefix(PREFIX)
-            slot = groups.setdefault(module, {})
-            if factor["which"] in slot:
-                raise LoraLegoError(f"{path}: tensor {key}: module {module} has two lora_{factor['which']} tensors")
-            slot[factor["which"]] = key
-        elif alpha is not None:
-            alpha_keys[alpha["module"].removeprefix(PREFIX)] = key
-        elif _OLD_FORMAT.search(key):
-            raise LoraLegoError(
-                f"{path}: tensor {key}: an old diffusers attention-processor LoRA (lora.down/lora.up); "
-                "convert it with diffusers first"
-            )
-        else:
-            raise LoraLegoError(
-                f"{path}: tensor {key}: not a LoRA factor (expected '<module>.lora_A.weight', "
-                "'<module>.lora_B.weight' or '<module>.alpha')"
-            )
-    pairs = pair_factors(path, groups, alpha_keys, ("A", "B"), ("lora_A", "lora_B"))
-
-    configs = _metadata_configs(weights.metadata, path)
+def check_metadata(configs: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Refuse DoRA; return use_rslora (one value for every component)."""
     if any(config.get("use_dora") for config in configs.values()):
-        raise LoraLegoError(f"{path}: metadata {METADATA_KEY}: DoRA (use_dora) is not supported (only plain LoRA)")
+        raise LoraLegoError(
+            f"{path}: metadata {METADATA_KEY}: DoRA (use_dora) is not supported (its magnitude vector rescales the "
+            "whole weight, which no LoRA merge can carry)"
+        )
     rslora = {bool(config.get("use_rslora", False)) for config in configs.values()}
     if len(rslora) > 1:
         raise LoraLegoError(f"{path}: metadata {METADATA_KEY}: components disagree on use_rslora")
-    alphas: dict[str, float] = {}
-    for module in pairs:
-        if module in alpha_keys:
-            alphas[module] = read_alpha(path, alpha_keys[module], weights.get(alpha_keys[module]))
-        else:
-            found = _metadata_alpha(configs, module, path)
-            if found is not None:
-                alphas[module] = found
-    return build_adapter(
-        path,
-        weights,
-        pairs,
-        alphas,
-        fmt=FORMAT,
-        factor_names=("lora_A", "lora_B"),
-        name=name,
-        use_rslora=rslora == {True},
-    )
+    return rslora == {True}
+
+
+def alpha_metadata(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, str]:
+    """``lora_adapter_metadata`` as diffusers' ``save_lora_weights`` writes it: per component (``unet.r``,
+    ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern``, ``unet.target_modules``), the most
+    common rank as ``r`` with its alpha, every other module's rank and alpha as full-path patterns."""
+    by_component: dict[str, dict[str, str]] = {}
+    for module in ranks:
+        component = component_of(module)
+        prefix = component or ""
+        relative = module[len(component) + 1 :] if component else module
+        by_component.setdefault(prefix, {})[relative] = module
+    packed: dict[str, Any] = {}
+    for component, modules in sorted(by_component.items()):
+        counts = Counter((ranks[m], alphas[m]) for m in modules.values())
+        (main_rank, main_alpha), _ = max(sorted(counts.items()), key=lambda item: item[1])
+        config = {
+            "r": main_rank,
+            "lora_alpha": main_alpha,
+            "rank_pattern": {rel: ranks[m] for rel, m in modules.items() if ranks[m] != main_rank},
+            "alpha_pattern": {rel: alphas[m] for rel, m in modules.items() if alphas[m] != main_alpha},
+            "target_modules": sorted(modules),
+            "use_dora": False,
+            "use_rslora": False,
+        }
+        for key, value in config.items():
+            packed[f"{component}.{key}" if component else key] = value
+    return {METADATA_KEY: json.dumps(packed, sort_keys=True)}
 
 
 def write_diffusers_file(
@@ -151,23 +117,8 @@ def write_diffusers_file(
     alphas: Mapping[str, float] | None = None,
     metadata: dict[str, str] | None = None,
     force: bool = False,
-    modules: list[str] | None = None,
 ) -> Path:
-    """Write ``(module, A, B)`` as a diffusers-style file, atomically, streaming.
-
-    Every module gets an explicit ``<module>.alpha`` (default: its rank, scale 1): loaders that build one
-    config for the whole file would otherwise give all modules the first module's ``alpha / r``, which is
-    wrong as soon as ranks differ (e.g. an exact ``cat`` merge).
-    """
-    out = Path(out)
-    require_safetensors_path(out, FORMAT)
-    names = (
-        None if modules is None else [f"{m}.{x}" for m in modules for x in ("lora_A.weight", "lora_B.weight", "alpha")]
+    """Write canonical ``(module, A, B)`` as a diffusers file (``lora_A`` / ``lora_B`` / ``alpha``)."""
+    return write_single_file(
+        Path(out), FORMAT, tensors=tensors, alphas=alphas, metadata=metadata, force=force, alpha_metadata=alpha_metadata
     )
-    with atomic_file(out, force=force) as tmp, SafetensorsStreamWriter(tmp, metadata, names) as writer:
-        for module, lora_a, lora_b in tensors:
-            alpha = (alphas or {}).get(module, float(lora_a.shape[0]))
-            writer.add(f"{module}.lora_A.weight", lora_a)
-            writer.add(f"{module}.lora_B.weight", lora_b)
-            writer.add(f"{module}.alpha", alpha_tensor(alpha))
-    return out

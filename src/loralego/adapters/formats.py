@@ -1,12 +1,14 @@
 """Which reader opens a path, which writer an output goes through, and what metadata it carries.
 
-Formats: ``peft`` (a folder with ``adapter_config.json``), ``kohya`` (one file, ``lora_down``/``lora_up``/
-``alpha``) and ``diffusers`` (one file, ``lora_A``/``lora_B`` without a config). The output format follows
-the inputs unless ``--format`` names another. Conversions are allowed only where no name has to be
-guessed: ``peft`` <-> ``diffusers`` (the same ``lora_A``/``lora_B`` convention; module names are kept
-verbatim, a PEFT folder written from a diffusers file names full module paths and no base model). Kohya
-names flatten the model's dotted names into underscores, which cannot be undone without the model, so
-kohya <-> anything else is refused.
+Formats: ``peft`` (a folder with ``adapter_config.json``) and the single-file layouts (one reader and one
+writer, singlefile.py): ``kohya`` (``lora_down``/``lora_up``/``alpha``, diffusers-style UNet names, BFL Flux
+names), ``kohya-sgm`` (the same with SDXL's sgm UNet names, ``input_blocks_4_1_...``) and ``diffusers``
+(``lora_A``/``lora_B`` with ``unet.``/``text_encoder.``/``transformer.`` names, as ``save_lora_weights``
+writes them). Every input is read into canonical module names (names.py), so inputs of different layouts
+merge module by module and any layout can be written; a module that has no name in the requested layout
+(e.g. a language model's module in kohya) is refused before merging. The output format follows the first
+input unless ``--format`` names another (the legacy diffusers layout, ``.lora.down``, is written as
+``diffusers``).
 """
 
 from __future__ import annotations
@@ -19,23 +21,28 @@ from typing import Any
 import torch
 
 from ..errors import LoraLegoError
-from . import hub
+from . import diffusers, hub, kohya
 from .base import Adapter
-from .diffusers import is_diffusers_key, load_diffusers, write_diffusers_file
-from .kohya import is_kohya_key, load_kohya, write_kohya_file
 from .peft import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, load_peft, write_peft_folder
-from .singlefile import SUFFIX, open_safetensors, write_text_atomically
+from .safetensors_read import SafetensorsFile
+from .singlefile import (
+    SINGLE_FILE_LAYOUTS,
+    SUFFIX,
+    read_single_file,
+    unwritable,
+    write_single_file,
+    write_text_atomically,
+)
 
-FORMATS = ("peft", "kohya", "diffusers")
-SINGLE_FILE_FORMATS = ("kohya", "diffusers")
-_CONVERSIONS = {("peft", "diffusers"), ("diffusers", "peft")}
+FORMATS = ("peft", *SINGLE_FILE_LAYOUTS)
+SINGLE_FILE_FORMATS = SINGLE_FILE_LAYOUTS
 
 # Metadata of the first input that would be wrong on the merged file: hashes of the input's weights, the
 # input's own LoRA config (diffusers prefers it over the tensors' alphas) and a previous merge's record.
 _STALE_METADATA = {"sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "lora_adapter_metadata"}
 
 
-def open_adapter(spec: str | Path, name: str | None = None) -> Adapter:
+def open_adapter(spec: str | Path, name: str | None = None, convert_to_lora: int | None = None) -> Adapter:
     """Open a PEFT folder, a kohya or diffusers ``.safetensors`` file, a folder holding one such file, or a
     Hugging Face model id already in the local hub cache (never downloaded)."""
     path = Path(spec)
@@ -44,64 +51,65 @@ def open_adapter(spec: str | Path, name: str | None = None) -> Adapter:
     except OSError as error:  # e.g. a parent folder without search permission
         raise LoraLegoError(f"{path}: cannot open: {error.strerror or error}") from None
     if exists:
-        return _open_path(path, name)
+        return _open_path(path, name, convert_to_lora)
     cached = hub.resolve_cached(str(spec))
     if cached is None:
         hint = f", nor a model id in the local {hub.describe_cache()}" if hub.looks_like_repo_id(str(spec)) else ""
         raise LoraLegoError(f"{path}: no such file or folder{hint}")
-    return _open_path(cached, name or str(spec))
+    return _open_path(cached, name or str(spec), convert_to_lora)
 
 
-def _open_path(path: Path, name: str | None) -> Adapter:
+def _open_path(path: Path, name: str | None, convert_to_lora: int | None = None) -> Adapter:
     if path.is_dir():
         # A PEFT weights file without its config has lost its scales: refuse rather than guess alpha = r.
         if (path / CONFIG_NAME).exists() or (path / SAFETENSORS_NAME).exists() or (path / BIN_NAME).exists():
             return load_peft(path, name=name)
         files = sorted(path.glob(f"*{SUFFIX}"))
         if len(files) == 1:
-            return open_file(files[0], name or path.resolve().name)
+            return open_file(files[0], name or path.resolve().name, convert_to_lora)
         if len(files) > 1:
             listed = ", ".join(f.name for f in files[:4]) + (", ..." if len(files) > 4 else "")
             raise LoraLegoError(f"{path}: no {CONFIG_NAME} and several {SUFFIX} files ({listed}); name the file")
         return load_peft(path, name=name)  # its error names the missing adapter_config.json
-    return open_file(path, name)
+    return open_file(path, name, convert_to_lora)
 
 
-def sniff_format(path: Path) -> str:
-    """``kohya`` or ``diffusers`` from a single file's tensor names."""
-    keys = open_safetensors(path).keys
-    kohya = any(is_kohya_key(key) for key in keys)
-    diffusers = any(is_diffusers_key(key) for key in keys)
-    if kohya and diffusers:
-        raise LoraLegoError(f"{path}: mixes kohya (lora_down/lora_up) and diffusers (lora_A/lora_B) tensor names")
-    if kohya:
-        return "kohya"
-    if diffusers:
-        return "diffusers"
-    example = f" (first tensor: {keys[0]})" if keys else ""
-    raise LoraLegoError(f"{path}: no LoRA factors (lora_down/lora_up or lora_A/lora_B tensors){example}")
-
-
-def open_file(path: Path, name: str | None = None) -> Adapter:
+def open_file(path: Path, name: str | None = None, convert_to_lora: int | None = None) -> Adapter:
+    """A single-file LoRA of any layout (kohya, kohya-sgm, LyCORIS, diffusers, legacy diffusers, ai-toolkit)."""
     if path.suffix != SUFFIX:
         raise LoraLegoError(f"{path}: expected a PEFT adapter folder or a {SUFFIX} LoRA file")
-    fmt = sniff_format(path)
-    return load_kohya(path, name) if fmt == "kohya" else load_diffusers(path, name)
+    weights = SafetensorsFile(path)
+    configs = diffusers.metadata_configs(weights.metadata, path)
+    rslora_metadata = diffusers.check_metadata(configs, path)
+    adapter = read_single_file(
+        path,
+        weights,
+        alphas_from_metadata=lambda module: diffusers.metadata_alpha(configs, module, path),
+        use_rslora=kohya.uses_rslora(weights.metadata) or rslora_metadata,
+        name=name,
+        convert_to_lora=convert_to_lora,
+    )
+    adapter.config = kohya.base_model(weights.metadata)
+    return adapter
 
 
 def output_format(adapters: list[Adapter], requested: str | None) -> str:
     """The output format: the inputs' unless ``requested``; refuse conversions that would guess names."""
-    source = adapters[0].format
-    fmt = requested or source
+    fmt = requested or adapters[0].format
     if fmt not in FORMATS:
         raise LoraLegoError(f"--format {fmt}: unknown format (choose from {', '.join(FORMATS)})")
-    if fmt != source and (source, fmt) not in _CONVERSIONS:
-        why = (
-            "kohya module names flatten dots into underscores and cannot be mapped to other formats without the model"
-            if "kohya" in (source, fmt)
-            else "no conversion is defined"
+    modules = sorted({module for adapter in adapters for module in adapter.modules})
+    if fmt == "peft":
+        kohya_only = [m for m in modules if m.startswith("lora_")]
+        missing = kohya_only
+    else:
+        missing = unwritable(modules, fmt)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise LoraLegoError(
+            f"--format {fmt}: module {missing[0]}{more} has no name in the {fmt} layout (a kohya name whose parts "
+            "are not known diffusers module parts, or a module the layout does not name)"
         )
-        raise LoraLegoError(f"--format {fmt}: cannot write {source} inputs as {fmt}: {why}")
     return fmt
 
 
@@ -182,7 +190,15 @@ def write_adapter(
     for sidecar in sidecars:  # refuse before merging, not after
         if sidecar.exists() and not force:
             raise LoraLegoError(f"{sidecar}: output file already exists (use --force to replace it)")
-    writer = write_kohya_file if fmt == "kohya" else write_diffusers_file
-    writer(out, tensors=tensors, alphas=alphas, metadata=metadata, force=force, modules=modules)
+    write_single_file(
+        out,
+        fmt,
+        tensors=tensors,
+        alphas=alphas,
+        metadata=metadata,
+        force=force,
+        alpha_metadata=diffusers.alpha_metadata if fmt == "diffusers" else None,
+        modules=modules,
+    )
     for sidecar, text in sidecars.items():
         write_text_atomically(sidecar, text, force=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -12,13 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..errors import LoraLegoError
 from ..finite import all_finite
-from . import safetensors_read
 from .atomic import atomic_folder
-from .base import Adapter, ModuleInfo, natural_key
+from .base import (
+    PEFT_ONLY_FEATURES,
+    Adapter,
+    ModuleInfo,
+    check_factor_shapes,
+    file_sha256,
+    natural_key,
+    unsupported_feature,
+)
+from .safetensors_read import FLOAT_DTYPES, SafetensorsFile
 from .safetensors_stream import SafetensorsStreamWriter
 
 CONFIG_NAME = "adapter_config.json"
@@ -27,19 +33,6 @@ BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
-
-# Tensor-name fragments of adapters that are not plain LoRA, and what to call them in the refusal.
-_UNSUPPORTED_KEYS = {
-    "lora_magnitude_vector": "DoRA (use_dora)",
-    "lora_embedding_A": "LoRA on embedding layers",
-    "lora_embedding_B": "LoRA on embedding layers",
-    "hada_w": "LoHa",
-    "lokr_w": "LoKr",
-    "ia3_l": "IA3",
-    "lora_E": "AdaLoRA",
-    "modules_to_save": "modules_to_save (fully trained modules)",
-    "lora_diag": "KaSA (kasa_config)",
-}
 
 # Config keys whose non-default values mean the adapter is not plain LoRA.
 _UNSUPPORTED_CONFIG: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -138,47 +131,6 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    except OSError as error:
-        raise LoraLegoError(f"{path}: cannot read: {error.strerror or error}") from None
-    return digest.hexdigest()
-
-
-class _SafetensorsFile:
-    """Lazy access to one safetensors file: shapes from the header, tensors on demand."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        _require_file(path)
-        try:
-            self._handle = safe_open(str(path), framework="pt")
-            self.keys = list(self._handle.keys())
-            self.shapes = {key: tuple(self._handle.get_slice(key).get_shape()) for key in self.keys}
-            self.dtypes = {key: _DTYPES.get(self._handle.get_slice(key).get_dtype()) for key in self.keys}
-            self.metadata = self._handle.metadata() or {}
-            # Tensors are read with pread (safetensors_read): a long-lived mmap would keep every page read
-            # resident in this process, growing RSS by the size of all inputs over a merge.
-            self._spans = safetensors_read.data_spans(path) if safetensors_read.NATIVE else {}
-        except Exception as error:  # any failure to parse an untrusted file is a refusal, whatever its type
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
-            raise LoraLegoError(f"{path}: not a readable safetensors file ({reason})") from None
-        if set(self._spans) == set(self.keys) and all(self.dtypes.values()):
-            self._handle = None  # unmaps the file
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            if self._handle is None:
-                return safetensors_read.read_tensor(self.path, self._spans[key], self.dtypes[key], self.shapes[key])
-            return self._handle.get_tensor(key)
-        except Exception as error:  # a file that parsed but cannot be read back is still the file's fault
-            raise LoraLegoError(f"{self.path}: tensor {key}: cannot read ({_one_line(error)})") from None
-
-
 class _BinFile:
     """A legacy ``adapter_model.bin``: loaded with ``weights_only=True`` so no code in it can run."""
 
@@ -234,17 +186,14 @@ def _unpickling_reason(error: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
 def _parse_keys(keys: Iterable[str], path: Path) -> dict[str, dict[str, str]]:
     """Group tensor names by module: ``{module: {"A": key, "B": key}}``; refuse anything else."""
     keys = list(keys)
     # Name the adapter kind first: it explains the other unexpected tensors (e.g. a saved embedding layer).
     for key in keys:
-        for fragment, feature in _UNSUPPORTED_KEYS.items():
-            if fragment in key:
-                raise LoraLegoError(f"{path}: tensor {key}: {feature} is not supported (only plain LoRA)")
+        feature = unsupported_feature(key, PEFT_ONLY_FEATURES)
+        if feature is not None:
+            raise LoraLegoError(f"{path}: tensor {key}: {feature} is not supported (only plain LoRA)")
     modules: dict[str, dict[str, str]] = {}
     for key in keys:
         match = _FACTOR_KEY.match(key)
@@ -279,7 +228,7 @@ def load_peft(folder: str | Path, name: str | None = None) -> Adapter:
     config = _read_config(folder)
     _check_config(config, folder)
     if (folder / SAFETENSORS_NAME).exists():
-        weights: _SafetensorsFile | _BinFile = _SafetensorsFile(folder / SAFETENSORS_NAME)
+        weights: SafetensorsFile | _BinFile = SafetensorsFile(folder / SAFETENSORS_NAME)
     elif (folder / BIN_NAME).exists():
         weights = _BinFile(folder / BIN_NAME)
     else:
@@ -300,10 +249,10 @@ def load_peft(folder: str | Path, name: str | None = None) -> Adapter:
         a_shape, b_shape = weights.shapes[keys["A"]], weights.shapes[keys["B"]]
         for key in (keys["A"], keys["B"]):
             dtype = weights.dtypes[key]
-            if dtype not in _DTYPES.values():
+            if dtype not in FLOAT_DTYPES:
                 raise LoraLegoError(f"{weights.path}: tensor {key}: not a floating-point tensor")
             dtypes.add(dtype)
-        _check_shapes(module, a_shape, b_shape, weights.path)
+        check_factor_shapes(weights.path, module, a_shape, b_shape, ("lora_A", "lora_B"))
         rank = a_shape[0]
         expected_rank = pattern_value(rank_pattern, module, config["r"])
         if rank != expected_rank:
@@ -337,19 +286,6 @@ def load_peft(folder: str | Path, name: str | None = None) -> Adapter:
         use_rslora=bool(config.get("use_rslora", False)),
         metadata=dict(weights.metadata),
     )
-
-
-def _check_shapes(module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], path: Path) -> None:
-    linear = len(a_shape) == 2 and len(b_shape) == 2
-    conv = len(a_shape) == 4 and len(b_shape) == 4 and b_shape[2:] == (1, 1)
-    if not (linear or conv):
-        raise LoraLegoError(
-            f"{path}: module {module}: lora_A {list(a_shape)} and lora_B {list(b_shape)} are not LoRA factor shapes"
-        )
-    if a_shape[0] != b_shape[1]:
-        raise LoraLegoError(f"{path}: module {module}: lora_A has rank {a_shape[0]} but lora_B has rank {b_shape[1]}")
-    if a_shape[0] == 0 or 0 in a_shape or 0 in b_shape:
-        raise LoraLegoError(f"{path}: module {module}: rank 0 or empty factor")
 
 
 def merged_config(

@@ -24,12 +24,8 @@ from pathlib import Path
 
 import torch
 
-_DTYPE_NAMES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-}
+from .safetensors_read import DTYPE_NAMES
+
 # The longest header entry a tensor of a given name can have: its quoted name plus
 # ``:{"dtype":"BF16","shape":[d,d,d,d],"data_offsets":[o,o]},`` with up to 4 dimensions (a conv LoRA's A) of
 # up to 12 digits and offsets of up to 16 digits (10 PB).
@@ -71,7 +67,7 @@ class SafetensorsStreamWriter:
         if size:
             self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         self._entries[name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "dtype": DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [self._offset, self._offset + size],
         }
