@@ -150,6 +150,8 @@ def test_report_of_kohya_merge_without_clusters(tmp_path):
         ("magnitude_prune", []),
         ("linear", []),
         ("lego", ["--target", "vllm", "--weights", "1", "0.5"]),
+        ("lego+", ["--weight-override", "1:v_proj=0.25"]),  # per-module weights, recorded and re-read
+        ("cat", ["--weight-override", "2:q_proj=-1", "--verify"]),
     ],
 )
 def test_report_figures_equal_verify_json(method, extra, mixed_adapters, adapter_factory, tmp_path):
@@ -174,6 +176,8 @@ def test_report_figures_equal_verify_json(method, extra, mixed_adapters, adapter
                 assert value == pytest.approx(theirs[key], rel=1e-9, abs=1e-12), key
             else:
                 assert value == theirs[key], key
-    if method == "lego+":
+    if method == "lego+" and not extra:
         n = len(inputs)
         assert figures["weights"] == pytest.approx([1 / n] * n)
+    if method == "cat" and extra:  # exact at the overridden weights: verify re-reads them from the merge's record
+        assert verified["total"]["relative_error"] < 1e-6 and verified["weight_overrides"][1] == {"q_proj": -1.0}

@@ -263,7 +263,7 @@ def run_merge(args: argparse.Namespace, argv: Sequence[str]) -> None:
     command = shlex.join(["loralego", *argv])
     plan = execute_merge(args.adapters, args.out, options, command=command, report=args.report, quiet=args.quiet)
     if args.verify:  # re-open what was written: the check covers the file, not the in-memory result
-        print(format_report(verify(load(args.out), plan.adapters, plan.weights)))
+        print(format_report(verify(load(args.out), plan.adapters, plan.weights, plan.options.weight_overrides)))
 
 
 def run_recipe(args: argparse.Namespace, argv: Sequence[str]) -> None:

@@ -112,6 +112,7 @@ class VerifyReport(_Ratios):
 
     modules: list[ModuleCheck]
     weights: list[float]
+    weight_overrides: list[dict[str, float]] | None = None
 
     @property
     def target_norm(self) -> float:
@@ -148,7 +149,12 @@ class VerifyReport(_Ratios):
             "relative_error": self.relative_error,
             "energy_kept": self.energy_kept,
         }
-        return {"weights": self.weights, "total": total, "modules": [m.to_dict() for m in self.modules]}
+        return {
+            "weights": self.weights,
+            "weight_overrides": self.weight_overrides,
+            "total": total,
+            "modules": [m.to_dict() for m in self.modules],
+        }
 
 
 def check_module(module: str, merged: Factors | None, target: Factors) -> ModuleCheck:
@@ -199,25 +205,53 @@ def recorded_weights(merged: Adapter, inputs: Sequence[Adapter]) -> list[float] 
     return [by_hash[a.sha256] for a in inputs]
 
 
-def verify(merged: Adapter, inputs: Sequence[Adapter], weights: Sequence[float] | None = None) -> VerifyReport:
+def recorded_weight_overrides(merged: Adapter, inputs: Sequence[Adapter]) -> list[dict[str, float]] | None:
+    """The per-input weight overrides ``merged`` was made with, when its provenance names these inputs."""
+    from .overrides import validate_weight_overrides
+
+    if recorded_weights(merged, inputs) is None:
+        return None
+    try:
+        overrides = json.loads(merged.metadata.get("loralego.options", "{}")).get("weight_overrides")
+        overrides = validate_weight_overrides(overrides)
+    except (ValueError, TypeError, AttributeError, LoraLegoError):
+        return None
+    return overrides if overrides is not None and len(overrides) <= len(inputs) else None
+
+
+def verify(
+    merged: Adapter,
+    inputs: Sequence[Adapter],
+    weights: Sequence[float] | None = None,
+    weight_overrides: Sequence[dict[str, float]] | None = None,
+) -> VerifyReport:
     """Compare ``merged`` with the exact weighted sum of ``inputs``, module by module (one module in memory).
 
     Without ``weights``: the ones recorded in the merged adapter's provenance when it names these inputs
-    (lego+ averages by default), else 1 for every input.
+    (lego+ averages by default), with their recorded per-module overrides, else 1 for every input.
+    ``weight_overrides``: per input, a module pattern -> weight mapping (``--weight-override``).
     """
+    from .overrides import module_weight
+
     if not inputs:
         raise LoraLegoError("verify: no input adapters to compare with")
     if weights is None:
         weights = recorded_weights(merged, inputs)
+        if weight_overrides is None:
+            weight_overrides = recorded_weight_overrides(merged, inputs)
     weights = list(weights) if weights is not None else [1.0] * len(inputs)
     if len(weights) != len(inputs):
         raise LoraLegoError(f"--weights: got {len(weights)} weights for {len(inputs)} adapters")
+    overrides = [dict(o) for o in weight_overrides] if weight_overrides else None
     checks = []
     for module in compared_modules(merged, inputs):
-        target = concat([a.folded(module, w) for a, w in zip(inputs, weights, strict=True) if module in a.modules])
+        target = concat(
+            [a.folded(module, module_weight(weights, overrides, j, module)) for j, a in enumerate(inputs)
+             if module in a.modules]
+        )
         result = merged.folded(module) if module in merged.modules else None
         checks.append(check_module(module, result, target))
-    return VerifyReport(checks, weights)
+    return VerifyReport(checks, weights, overrides)
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:

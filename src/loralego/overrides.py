@@ -16,7 +16,7 @@ all mean the same merge.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 
 def parse_override(text: str) -> tuple[str, int]:
@@ -117,6 +117,15 @@ def override_for(overrides: Mapping[str, float], module: str) -> float | None:
         if best is None or key < best:
             best = key
     return overrides[best[1]] if best is not None else None
+
+
+def module_weight(
+    weights: Sequence[float], weight_overrides: Sequence[Mapping[str, float]] | None, index: int, module: str
+) -> float:
+    """Input ``index``'s weight on ``module``: its most specific weight override, else its weight."""
+    overrides = weight_overrides or []
+    override = override_for(overrides[index], module) if index < len(overrides) else None
+    return float(weights[index]) if override is None else float(override)
 
 
 def unused_patterns(overrides: Mapping[str, float], modules: Iterable[str]) -> list[str]:

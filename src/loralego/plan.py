@@ -18,7 +18,7 @@ from .adapters.peft import PREFIX, merged_config
 from .errors import LoraLegoError
 from .methods import MergeMethod, MethodParams, RankRequest, get_method
 from .options import MergeOptions
-from .overrides import override_for, unused_patterns
+from .overrides import module_weight, override_for, unused_patterns
 from .vllm import check_inputs as check_vllm_inputs
 from .vllm import check_vllm, serving_rank
 
@@ -147,13 +147,6 @@ def _weights(options: MergeOptions, method: MergeMethod, n: int) -> list[float]:
     return list(options.weights)
 
 
-def _module_weight(options: MergeOptions, weights: list[float], index: int, module: str) -> float:
-    """Input ``index``'s weight on ``module``: its most specific ``--weight-override``, else its ``--weights``."""
-    overrides = options.weight_overrides or []
-    override = override_for(overrides[index], module) if index < len(overrides) else None
-    return weights[index] if override is None else float(override)
-
-
 def _weight_override_warnings(options: MergeOptions, adapters: list[Adapter]) -> list[str]:
     overrides = options.weight_overrides or []
     if len(overrides) > len(adapters):
@@ -201,7 +194,7 @@ def _plan_module(
         rank_requested=requested,
         a_shape=(1, *infos[0].a_shape[1:]),
         b_shape=(infos[0].b_shape[0], 1, *infos[0].b_shape[2:]),
-        weights=tuple(_module_weight(options, weights, j, name) for j in indices),
+        weights=tuple(module_weight(weights, options.weight_overrides, j, name) for j in indices),
     )
 
 

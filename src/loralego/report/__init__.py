@@ -15,10 +15,18 @@ from typing import Any
 from .. import __version__
 from ..adapters import Adapter, load
 from ..adapters.singlefile import write_text_atomically
-from ..diagnostics import ModuleCheck, VerifyReport, check_module, compared_modules, recorded_weights
+from ..diagnostics import (
+    ModuleCheck,
+    VerifyReport,
+    check_module,
+    compared_modules,
+    recorded_weight_overrides,
+    recorded_weights,
+)
 from ..errors import LoraLegoError
 from ..methods import METHODS
 from ..msu import concat
+from ..overrides import module_weight
 from ..pipeline import recorded_options
 from ..plan import MergePlan
 from .html import ReportPage, render
@@ -156,6 +164,7 @@ def report_existing(
             "input weights of 1 are assumed."
         )
         weights = [1.0] * len(inputs)
+    overrides = recorded_weight_overrides(merged, inputs)
     recorded = merged.metadata.get("loralego.options")
     norm = "inf"
     try:
@@ -168,7 +177,7 @@ def report_existing(
     checks: list[ModuleCheck] = []
     for module in compared_modules(merged, inputs):
         owners = [j for j, a in enumerate(inputs) if module in a.modules]
-        parts = [inputs[j].folded(module, weights[j]) for j in owners]
+        parts = [inputs[j].folded(module, module_weight(weights, overrides, j, module)) for j in owners]
         if module not in merged.modules:  # counted as lost in the figures, as verify does
             notes.append(f"Module {module} of the inputs is missing from the merged adapter.")
             checks.append(check_module(module, None, concat(parts)))
@@ -196,6 +205,6 @@ def report_existing(
     extra = None
     if method in METHODS and METHODS[method].clusters:
         extra = "A report of an earlier merge reads only the files: `loralego merge --report` shows the clusters."
-    figures = _figures(VerifyReport(checks, weights), str(merged.path or merged_spec), inputs)
+    figures = _figures(VerifyReport(checks, weights, overrides), str(merged.path or merged_spec), inputs)
     _render_to(out, page, stats, [a.name for a in inputs], norm, _cluster_note(stats, extra), force, figures)
     return out

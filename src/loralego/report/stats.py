@@ -131,8 +131,9 @@ class ReportCollector:
     def on_module(self, module: str, result: ModuleResult, stored: tuple[torch.Tensor, torch.Tensor]) -> None:
         start = time.perf_counter()
         plan = self.plan
-        owners = plan.modules[module].adapter_indices
-        parts = [plan.adapters[j].folded(module, plan.weights[j]) for j in owners]
+        spec = plan.modules[module]
+        owners = spec.adapter_indices
+        parts = [plan.adapters[j].folded(module, w) for j, w in zip(owners, spec.weights, strict=True)]
         unit_owner = [j for j in owners for _ in range(plan.adapters[j].modules[module].rank)]
         merged = (stored[0].reshape(stored[0].shape[0], -1), stored[1].reshape(stored[1].shape[0], -1))
         self.modules.append(
@@ -150,4 +151,5 @@ class ReportCollector:
 
     def figures(self) -> VerifyReport:
         """The merge's figures as ``loralego verify`` computes them from the written file."""
-        return VerifyReport([stats.check for stats in self.modules], list(self.plan.weights))
+        overrides = self.plan.options.weight_overrides
+        return VerifyReport([stats.check for stats in self.modules], list(self.plan.weights), overrides)
