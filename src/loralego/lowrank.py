@@ -86,7 +86,7 @@ def _core_split(lora_a: torch.Tensor, lora_b: torch.Tensor) -> _CoreSplit:
 
 
 def thin_svd(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int | None = None
+    lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int | None = None, *, gram_route: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of ``B @ A`` from its factors: returns ``(U, S, Vh)`` with ``B @ A = U diag(S) Vh``.
 
@@ -95,7 +95,7 @@ def thin_svd(
     working precision; results are returned in float32. ``U`` is ``d_out x rank``, ``Vh`` is ``rank x d_in``
     (``rank`` default: all ``N``), singular values descending (all ``N`` of them).
     """
-    split = _core_split(lora_a, lora_b)
+    split = _core_split(lora_a, lora_b) if gram_route else _qr_split(lora_a, lora_b)
     u_core, s, vh_core = torch.linalg.svd(split.core)
     rank = s.numel() if rank is None else min(rank, s.numel())
     u = split.lift_left(u_core[:, :rank])
@@ -103,14 +103,14 @@ def thin_svd(
     return u.float(), s.float(), vh.float()
 
 
-def truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> Factors:
+def truncate(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, *, gram_route: bool = True) -> Factors:
     """Best rank-``rank`` approximation of ``B @ A`` (Eckart-Young), as balanced factors.
 
     The singular values are split as ``sqrt(S)`` on each side so both factors carry the same energy.
     Signs are made canonical (largest-magnitude entry of each row of A positive) so the output does not
-    depend on LAPACK's sign choice.
+    depend on LAPACK's sign choice. ``gram_route=False``: always the QR route (see :func:`thin_svd`).
     """
-    u, s, vh = thin_svd(lora_a, lora_b, rank)
+    u, s, vh = thin_svd(lora_a, lora_b, rank, gram_route=gram_route)
     s = s[: u.shape[1]]
     pivot = vh.abs().argmax(dim=1)
     signs = torch.sign(vh.gather(1, pivot[:, None]).squeeze(1))
