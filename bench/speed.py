@@ -43,7 +43,25 @@ SHAPES: dict[str, tuple[int, int]] = {
     "mlp.up_proj": (4096, 11008),
     "mlp.down_proj": (11008, 4096),
 }
+# A smaller shape for the scaling sweep (n up to 300): 16 layers at 2048 hidden, 5632 intermediate.
+SMALL_SHAPES: dict[str, tuple[int, int]] = {
+    "self_attn.q_proj": (2048, 2048),
+    "self_attn.k_proj": (2048, 2048),
+    "self_attn.v_proj": (2048, 2048),
+    "self_attn.o_proj": (2048, 2048),
+    "mlp.gate_proj": (2048, 5632),
+    "mlp.up_proj": (2048, 5632),
+    "mlp.down_proj": (5632, 2048),
+}
+SHAPE_SETS = {"llama7b": (32, SHAPES), "small": (16, SMALL_SHAPES)}
 MODULES = LAYERS * len(SHAPES)
+
+
+def use_shape(name: str) -> None:
+    """Switch the generated adapters' shape (module globals: every helper reads LAYERS, SHAPES, MODULES)."""
+    global LAYERS, SHAPES, MODULES
+    LAYERS, SHAPES = SHAPE_SETS[name]
+    MODULES = LAYERS * len(SHAPES)
 BASE_MODEL = "meta-llama/Llama-2-7b-hf"
 PREFIX = "base_model.model.model.layers"
 PEFT_COMBINATIONS = ("svd", "cat", "linear")
@@ -96,7 +114,8 @@ def generate_adapter(folder: Path, rank: int, seed: int) -> None:
 
 def ensure_adapters(rank: int, n: int, root: Path) -> list[Path]:
     """The first n rank-``rank`` adapters, generating the missing ones (after checking the free disk)."""
-    folders = [root / f"llama7b-r{rank}" / f"adapter{i:03d}" for i in range(n)]
+    shape = next(name for name, (layers, shapes) in SHAPE_SETS.items() if shapes is SHAPES)
+    folders = [root / f"{shape}-r{rank}" / f"adapter{i:03d}" for i in range(n)]
     missing = [f for f in folders if not (f / "adapter_config.json").exists()]
     if missing:
         need = len(missing) * adapter_bytes(rank)
@@ -381,8 +400,10 @@ def main() -> None:
         help="n values at which PEFT's svd runs (2-4 minutes per module here, hardly depending on n); default all",
     )
     parser.add_argument("--root", type=Path, default=CACHE)
+    parser.add_argument("--shape", choices=sorted(SHAPE_SETS), default="llama7b", help="adapters' shape")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     opts = parser.parse_args()
+    use_shape(opts.shape)
     opts.env = {"OMP_NUM_THREADS": str(opts.threads)} if opts.threads else {}
     if opts.peft_svd_n is None:
         opts.peft_svd_n = opts.n
@@ -391,7 +412,8 @@ def main() -> None:
     caches = ["warm", "cold"] if opts.cache == "both" else [opts.cache]
     print(
         f"machine: {os.cpu_count()} CPUs, {os.uname().machine}; python {sys.version.split()[0]}; "
-        f"inputs rank {opts.input_rank}, {adapter_bytes(opts.input_rank) / 2**20:.0f} MiB each (bf16)",
+        f"shape {opts.shape} ({MODULES} modules); inputs rank {opts.input_rank}, "
+        f"{adapter_bytes(opts.input_rank) / 2**20:.0f} MiB each (bf16); load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     results: dict[str, Any] = {}

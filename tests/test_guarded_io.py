@@ -477,7 +477,7 @@ def test_over_long_output_name(capsys, pair, tmp_path):
 
 
 def test_disk_full_during_the_abort_leaves_nothing(monkeypatch, pair, tmp_path):
-    """The data file's close flushes and fails again on a full disk: it is still removed."""
+    """The stream file's close flushes and fails again on a full disk: it is still removed."""
     a, b = pair
     real_open = open
 
@@ -495,9 +495,12 @@ def test_disk_full_during_the_abort_leaves_nothing(monkeypatch, pair, tmp_path):
             self.handle.close()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+        def __getattr__(self, name: str) -> Any:  # seek, flush, fileno: the real file's
+            return getattr(self.handle, name)
+
     def opener(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         handle = real_open(path, mode, *args, **kwargs)
-        return FullDisk(handle) if str(path).endswith(".data") else handle
+        return FullDisk(handle) if "w" in mode and str(path).endswith(".safetensors") else handle
 
     monkeypatch.setattr(safetensors_stream, "open", opener, raising=False)
     for out in (tmp_path / "outs" / "peft", tmp_path / "outs2" / "new" / "d.safetensors"):

@@ -103,17 +103,38 @@ class KMeans:
     def fit(self, points: torch.Tensor) -> KMeans:
         if points.shape[0] < self.n_clusters:
             raise ValueError(f"{points.shape[0]} points cannot form {self.n_clusters} clusters")
-        generator = torch.Generator().manual_seed(self.seed)
         # Fewer points than dimensions (always so for pooled LoRA units): cluster exact low-dimensional
         # coordinates, then take the centers in the original space.
-        # Seeding needs the distances to each chosen point: all of them at once (n x n) when that is small.
         if points.shape[0] < points.shape[1]:
-            gram = points @ points.T
-            coords = gram_coordinates(gram).to(points.dtype)
-            pairwise: torch.Tensor | None = gram_distances(gram).double()
+            self._fit_gram(points @ points.T)
+            self._centers: torch.Tensor | None = None
         else:
-            coords = points
+            # Seeding needs the distances to each chosen point: all of them at once (n x n) when that is small.
             pairwise = squared_distances(points, points).double() if points.shape[0] <= _PAIRWISE_MAX else None
+            self._centers = self._fit_coords(points, pairwise)
+        # Centers of clustered coordinates are not centers of the points: computed from the points on first
+        # use (the lego merge takes its own means and never asks).
+        self._points: torch.Tensor | None = points
+        return self
+
+    def fit_gram(self, gram: torch.Tensor) -> KMeans:
+        """Cluster n points given only their ``n x n`` Gram matrix (``labels_``, ``inertia_``, ``n_iter_``; no
+        ``cluster_centers_``): the same clustering as :meth:`fit` on the points, up to rounding, at a cost that
+        does not depend on the points' dimension. A caller holding the points as thin factors forms the Gram
+        matrix from them without ever concatenating the points (``methods/lego.py``)."""
+        if gram.shape[0] < self.n_clusters:
+            raise ValueError(f"{gram.shape[0]} points cannot form {self.n_clusters} clusters")
+        self._fit_gram(gram)
+        self._centers, self._points = None, None
+        return self
+
+    def _fit_gram(self, gram: torch.Tensor) -> None:
+        coords = gram_coordinates(gram).to(gram.dtype)
+        self._fit_coords(coords, gram_distances(gram).double())
+
+    def _fit_coords(self, coords: torch.Tensor, pairwise: torch.Tensor | None) -> torch.Tensor:
+        """Seed and run Lloyd on ``coords``; sets the fitted attributes and returns the best centers (of coords)."""
+        generator = torch.Generator().manual_seed(self.seed)
         # Lloyd draws no random numbers: seeding every restart first draws the same numbers as alternating.
         seeds = [kmeans_plus_plus(coords, self.n_clusters, generator, pairwise) for _ in range(self.n_init)]
         starts = torch.stack([coords[s.to(coords.device)] for s in seeds])
@@ -124,15 +145,13 @@ class KMeans:
                 best = (inertia, labels, centers, n_iter)
         assert best is not None
         self.inertia_, self.labels_, centers, self.n_iter_ = best
-        # Centers of clustered coordinates are not centers of the points: computed from the points on first
-        # use (the lego merge takes its own means and never asks).
-        self._centers: torch.Tensor | None = centers if coords is points else None
-        self._points = points
-        return self
+        return centers
 
     @property
     def cluster_centers_(self) -> torch.Tensor:
         if self._centers is None:
+            if self._points is None:
+                raise ValueError("fit_gram clusters without the points: no cluster centers to report")
             self._centers = cluster_means(self._points, self.labels_, self.n_clusters)[0]
         return self._centers
 

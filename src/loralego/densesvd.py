@@ -48,4 +48,6 @@ def truncate_dense(matrix: torch.Tensor, rank: int) -> Factors:
     ``rank`` is capped at ``min(d_out, d_in)``; the result is canonical as in :func:`lowrank.truncate`.
     """
     lora_a, lora_b = top_singular_factors(matrix, rank)
-    return truncate(lora_a, lora_b, lora_a.shape[0])
+    # QR route: these factors can carry directions of zero singular value, whose rounding the Gram route's
+    # division by sqrt(lambda) would make depend on the BLAS thread count; the cost here is the dense Gram.
+    return truncate(lora_a, lora_b, lora_a.shape[0], gram_route=False)

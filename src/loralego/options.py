@@ -48,6 +48,14 @@ class MergeOptions(BaseModel):
         "auto", description="dtype of the written tensors; auto: the inputs' dtype"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device (auto: cuda if present)")
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="where modules are merged: local (this process, one worker thread per core) or ray (Ray "
+        "tasks; inputs on storage every worker sees; needs the ray extra); same bytes either way",
+    )
+    ray_address: str | None = Field(
+        None, description="address of an existing Ray cluster for --executor ray (default: start a local one)"
+    )
     force: bool = Field(False, description="overwrite an existing output; merge adapters of different base models")
     format: Literal["peft", "kohya", "kohya-sgm", "diffusers"] | None = Field(
         None,

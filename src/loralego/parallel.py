@@ -13,6 +13,8 @@ so the bytes do not depend on the number of workers.
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,3 +73,53 @@ def ordered_map(function: Callable[[T], R], items: Iterable[T], workers: int) ->
         finally:  # an error or an abandoned iteration: do not start the modules still queued
             for future in pending:
                 future.cancel()
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterable[T], depth: int) -> Iterator[T]:
+    """The items of ``items``, produced by a background thread up to ``depth`` ahead of the consumer.
+
+    For reading: the next modules' tensors are read (``pread`` and dtype conversion release the GIL) while the
+    workers compute, so reading overlaps compute instead of adding to it; ``depth`` bounds the memory held by
+    items read but not yet taken. An error in the producer is raised in the consumer at the item it concerns;
+    a consumer that stops early stops the producer after the item in hand.
+    """
+    if depth < 1:
+        yield from items
+        return
+    slots: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((_DONE, None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            slots.put((_DONE, error))
+
+    thread = threading.Thread(target=produce, name="loralego-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then let it finish its item
+            with contextlib.suppress(queue.Empty):
+                slots.get_nowait()
+            thread.join(timeout=0.05)

@@ -21,7 +21,7 @@ from .lowrank import rank_for_energy
 from .methods import ModuleJob, ModuleResult
 from .msu import Factors, concat
 from .options import MergeOptions, make_options
-from .parallel import default_workers, intra_op_threads, ordered_map
+from .parallel import default_workers, intra_op_threads, ordered_map, prefetch
 from .plan import MergePlan, ModulePlan, output_config, plan_merge
 from .safeio import refuse_overlap
 from .vllm import pad_rank
@@ -72,8 +72,8 @@ def module_rank(plan: MergePlan, module: ModulePlan, factors: list[Factors]) -> 
     return min(module.rank, rank_for_energy(*concat(factors), plan.energy))
 
 
-def merge_module(plan: MergePlan, module: str) -> ModuleResult:
-    """Read, fold and merge one module; only this module's factors are in memory."""
+def read_module(plan: MergePlan, module: str) -> list[Factors]:
+    """Read and fold one module's factors from every input that has it (in input order), checked."""
     spec = plan.modules[module]
     factors = [
         plan.adapters[j].folded(module, weight, plan.device)
@@ -81,6 +81,14 @@ def merge_module(plan: MergePlan, module: str) -> ModuleResult:
     ]
     for j, pair in zip(spec.adapter_indices, factors, strict=True):
         _check_folded(plan.adapters[j], module, pair)
+    return factors
+
+
+def merge_module(plan: MergePlan, module: str, factors: list[Factors] | None = None) -> ModuleResult:
+    """Merge one module (reading it first unless its ``factors`` are given); only this module is in memory."""
+    spec = plan.modules[module]
+    if factors is None:
+        factors = read_module(plan, module)
     job = ModuleJob(
         module=module,
         factors=factors,
@@ -122,12 +130,20 @@ def iter_merged(
     """Yield ``(module, A, B)`` as written (output dtype, stored shape, padding), in module order.
 
     On the CPU, ``workers`` modules (default: torch's thread count) are merged at once, each on one thread
-    (see :mod:`loralego.parallel`); memory holds at most ``workers + 1`` modules' pools.
+    (see :mod:`loralego.parallel`), while a reader thread reads up to ``workers + 1`` modules ahead; memory
+    holds at most ``2 workers + 2`` modules' pools. ``--executor ray`` runs the same jobs as Ray tasks.
     """
     workers = default_workers(plan.device) if workers is None else max(1, workers)
     names = list(plan.modules)
     with intra_op_threads(1) if workers > 1 else contextlib.nullcontext():
-        merged = ordered_map(lambda module: merge_module(plan, module), names, workers)
+        if plan.options.executor == "ray":  # the same jobs as Ray tasks (ray_executor.py)
+            from .ray_executor import ray_merged
+
+            merged = ray_merged(plan, plan.options.ray_address)
+        else:
+            # A reader thread keeps the next modules read (at most workers + 1 ahead): reading overlaps compute.
+            reads = prefetch(((module, read_module(plan, module)) for module in names), depth=workers + 1)
+            merged = ordered_map(lambda item: merge_module(plan, *item), reads, workers)
         for module, result in zip(names, merged, strict=True):
             stored = _stored(plan, module, result)
             if on_module is not None:
@@ -136,9 +152,14 @@ def iter_merged(
             yield (module, *stored)
 
 
+# Options that say how a merge runs, not what it computes: left out of the output's record, so the bytes do
+# not depend on them (--executor ray gives the local executor's bytes).
+_NOT_RECORDED = {"force", "executor", "ray_address"}
+
+
 def recorded_options(plan: MergePlan) -> dict[str, Any]:
-    """The options as the merge records them: the common ones (but ``force``) and the method's parameters."""
-    return plan.options.model_dump(mode="json", exclude={"force"})
+    """The options as the merge records them: the common ones (but how it ran) and the method's parameters."""
+    return plan.options.model_dump(mode="json", exclude=_NOT_RECORDED)
 
 
 def provenance(plan: MergePlan) -> dict[str, str]:
@@ -247,4 +268,5 @@ def write_merged(
         force=plan.options.force,
         card=model_card(plan, command) if plan.output.format == "peft" else None,
         extra_files=extra_files,
+        modules=list(plan.modules),
     )

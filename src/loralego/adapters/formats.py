@@ -163,17 +163,26 @@ def write_adapter(
     card: str | None = None,
     alphas: dict[str, float] | None = None,
     extra_files: dict[str, str] | None = None,
+    modules: list[str] | None = None,
 ) -> None:
     """Write an adapter in ``fmt``, atomically.
 
     PEFT folders hold ``extra_files`` inside; single files get them beside (``<stem>.<file name>``). A PEFT
     output always has scale 1 per module (``lora_alpha = r``), which is what merges produce; ``alphas``
-    (single-file formats only) keep other scales, e.g. when re-saving a loaded adapter.
+    (single-file formats only) keep other scales, e.g. when re-saving a loaded adapter. ``modules``: the modules
+    ``tensors`` will yield, when known (the header's space is then reserved exactly, see safetensors_stream).
     """
     out = Path(out)
     if fmt == "peft":
         write_peft_folder(
-            out, tensors=tensors, config=config, metadata=metadata, force=force, card=card, extra_files=extra_files
+            out,
+            tensors=tensors,
+            config=config,
+            metadata=metadata,
+            force=force,
+            card=card,
+            extra_files=extra_files,
+            modules=modules,
         )
         return
     if fmt not in SINGLE_FILE_FORMATS:
@@ -189,6 +198,7 @@ def write_adapter(
         metadata=metadata,
         force=force,
         alpha_metadata=diffusers.alpha_metadata if fmt == "diffusers" else None,
+        modules=modules,
     )
     for sidecar, text in sidecars.items():
         write_text_atomically(sidecar, text, force=force, kind="yaml")

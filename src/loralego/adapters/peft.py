@@ -353,17 +353,20 @@ def write_peft_folder(
     force: bool = False,
     card: str | None = None,
     extra_files: dict[str, str] | None = None,
+    modules: list[str] | None = None,
 ) -> Path:
     """Write ``(module, A, B)`` tensors as a PEFT folder, atomically, streaming tensors to disk.
 
     ``config`` is either the final config or a function of ``{module: rank}`` (known once all tensors are
     written). ``card`` is the model card text (README.md), if any; ``extra_files`` maps further file names
-    to their text (e.g. the recipe the merge was run from), written inside the same atomic folder.
+    to their text (e.g. the recipe the merge was run from), written inside the same atomic folder. ``modules``:
+    the modules that will come, when known, so the header's space is reserved up front (each byte written once).
     """
     with atomic_folder(out, force=force) as tmp:
         ranks: dict[str, int] = {}
         metadata = {"format": "pt", **(metadata or {})}
-        with SafetensorsStreamWriter(tmp / SAFETENSORS_NAME, metadata) as writer:
+        names = None if modules is None else [f"{PREFIX}{m}.lora_{x}.weight" for m in modules for x in "AB"]
+        with SafetensorsStreamWriter(tmp / SAFETENSORS_NAME, metadata, names) as writer:
             for module, lora_a, lora_b in tensors:
                 writer.add(f"{PREFIX}{module}.lora_A.weight", lora_a)
                 writer.add(f"{PREFIX}{module}.lora_B.weight", lora_b)

@@ -389,8 +389,10 @@ def write_single_file(
     metadata: dict[str, str] | None = None,
     force: bool = False,
     alpha_metadata: Callable[[dict[str, int], dict[str, float]], dict[str, str]] | None = None,
+    modules: list[str] | None = None,
 ) -> Path:
-    """Write ``(canonical module, A, B)`` in ``layout``, atomically, streaming.
+    """Write ``(canonical module, A, B)`` in ``layout``, atomically, streaming. ``modules``: those ``tensors``
+    will yield, when known, so the header's space is reserved up front (each byte then written once).
 
     kohya layouts give every module an explicit ``<name>.alpha`` (default: its rank, scale 1): loaders that
     build one config for the whole file would otherwise give all modules the first module's ``alpha / r``,
@@ -419,7 +421,10 @@ def write_single_file(
             raise LoraLegoError(f"module {module}: has no name in the {layout} layout")
         return name
 
-    with atomic_file(out, force=force) as tmp, SafetensorsStreamWriter(tmp, metadata) as writer:
+    # Stored names are the module's plus a layout prefix and suffix: reserve for three tensors per module with
+    # that much slack (a header past it still comes out right, its data moved once; safetensors_stream).
+    expected = None if modules is None else [m + "_" * 48 for m in modules for _ in range(3)]
+    with atomic_file(out, force=force) as tmp, SafetensorsStreamWriter(tmp, metadata, expected) as writer:
 
         def emit(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float) -> None:
             writer.add(f"{name}{down_suffix}", lora_a)

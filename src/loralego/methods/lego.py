@@ -101,19 +101,48 @@ Represent = Callable[[torch.Tensor, torch.Tensor, int, int, torch.Tensor], torch
 Scale = Callable[[Factors, Factors], float]
 
 
-def balance_gauge(units: torch.Tensor, d_in: int) -> torch.Tensor:
-    """Rescale each unit to ||a|| = ||b|| and flip it so a's largest-magnitude entry is positive.
+def gauge_scales(lora_a: torch.Tensor, lora_b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit factors ``(s_a, s_b)`` of the balanced gauge: unit i becomes ``(s_a[i] a_i, s_b[i] b_i)``.
 
-    ``(c a, b / c)`` with ``c = sqrt(||b|| / ||a||)`` and the sign flip ``(-a, -b)`` leave ``b a^T`` unchanged.
+    ``c = sqrt(||b|| / ||a||)`` and the sign that makes a's largest-magnitude entry positive: ``s_a = c sign``,
+    ``s_b = sign / c``, which leaves ``b a^T`` unchanged. ``lora_b_t`` holds the b halves as rows.
     """
-    lora_a, lora_b = units[:, :d_in], units[:, d_in:]
-    norm_a, norm_b = lora_a.norm(dim=1), lora_b.norm(dim=1)
+    norm_a, norm_b = lora_a.norm(dim=1), lora_b_t.norm(dim=1)
     usable = (norm_a > _EPS) & (norm_b > _EPS)
     factor = torch.where(usable, (norm_b / norm_a.clamp_min(_EPS)).sqrt(), torch.ones_like(norm_a))
     pivot = lora_a.abs().argmax(dim=1, keepdim=True)
     sign = torch.sign(lora_a.gather(1, pivot)).squeeze(1)
     sign[sign == 0] = 1.0
-    return torch.cat([lora_a * (factor * sign)[:, None], lora_b * (sign / factor)[:, None]], dim=1)
+    return factor * sign, sign / factor
+
+
+def balance_gauge(units: torch.Tensor, d_in: int) -> torch.Tensor:
+    """Rescale each unit to ||a|| = ||b|| and flip it so a's largest-magnitude entry is positive (see
+    :func:`gauge_scales`)."""
+    lora_a, lora_b = units[:, :d_in], units[:, d_in:]
+    scale_a, scale_b = gauge_scales(lora_a, lora_b)
+    return torch.cat([lora_a * scale_a[:, None], lora_b * scale_b[:, None]], dim=1)
+
+
+def feature_gram(lora_a: torch.Tensor, lora_b: torch.Tensor, variant: RankwiseVariant) -> torch.Tensor:
+    """The ``N x N`` Gram matrix of the clustered features of the units ``[a_i ; b_i]`` of ``(A, B)``, from the two
+    factor Gram matrices ``A A^T`` and ``B^T B`` (never concatenating the units).
+
+    Every feature (unit, gauge-fixed unit, per-half direction) is a per-half rescaling ``(u_i a_i, v_i b_i)`` of
+    a unit, so its Gram matrix is ``(u u^T) * A A^T + (v v^T) * B^T B``: the distances k-means needs, exactly,
+    at one ``N x N x (d_in + d_out)`` product and no copy of the pool.
+    """
+    gram_a, gram_b = lora_a @ lora_a.T, lora_b.T @ lora_b
+    n = lora_a.shape[0]
+    scale_a = torch.ones(n, dtype=lora_a.dtype, device=lora_a.device)
+    scale_b = scale_a
+    if variant.gauge == "balanced":
+        scale_a, scale_b = gauge_scales(lora_a, lora_b.T)
+    if variant.cluster_on == "directions":
+        # ||s a|| from the diagonal: the direction's factor is s / max(|s| ||a||, eps), as in :func:`directions`.
+        scale_a = scale_a / (scale_a.abs() * gram_a.diagonal().clamp_min(0.0).sqrt()).clamp_min(_EPS)
+        scale_b = scale_b / (scale_b.abs() * gram_b.diagonal().clamp_min(0.0).sqrt()).clamp_min(_EPS)
+    return scale_a[:, None] * gram_a * scale_a[None, :] + scale_b[:, None] * gram_b * scale_b[None, :]
 
 
 def directions(units: torch.Tensor, d_in: int) -> torch.Tensor:
@@ -157,6 +186,28 @@ def cluster_labels(features: torch.Tensor, k: int, params: RankwiseParams, seed:
     return KMeans(k, n_init=params.n_init, max_iter=params.max_iter, seed=seed).fit(features).labels_
 
 
+def pooled_labels(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, units: torch.Tensor, k: int, job: ModuleJob, variant: RankwiseVariant
+) -> torch.Tensor:
+    """k-means labels of the pool's features in the smallest exact representation.
+
+    N units of dimension d = d_in + d_out: with N < d, k-means runs on the N-dimensional coordinates of the
+    features' Gram matrix (from the factors, :func:`feature_gram`), so after one ``N^2 d`` product no distance
+    pass depends on the hidden size; with N >= d the d-dimensional features themselves are the smaller form.
+    """
+    params: RankwiseParams = job.params
+    n, d_in = units.shape[0], lora_a.shape[1]
+    if k >= n:
+        return torch.arange(n, device=units.device)
+    if n >= units.shape[1]:
+        if variant.gauge == "balanced":
+            units = balance_gauge(units, d_in)
+        features = directions(units, d_in) if variant.cluster_on == "directions" else units
+        return cluster_labels(features, k, params, job.seed)
+    kmeans = KMeans(k, n_init=params.n_init, max_iter=params.max_iter, seed=job.seed)
+    return kmeans.fit_gram(feature_gram(lora_a, lora_b, variant)).labels_
+
+
 def rankwise_merge(
     job: ModuleJob,
     variant: RankwiseVariant,
@@ -171,11 +222,10 @@ def rankwise_merge(
     lora_a, lora_b = concat(prepare(job.factors)) if prepare is not None else ensemble
     d_in = lora_a.shape[1]
     units = to_units(lora_a, lora_b)
+    k = min(job.rank, units.shape[0])
+    labels = pooled_labels(lora_a, lora_b, units, k, job, variant)
     if variant.gauge == "balanced":
         units = balance_gauge(units, d_in)
-    k = min(job.rank, units.shape[0])
-    features = directions(units, d_in) if variant.cluster_on == "directions" else units
-    labels = cluster_labels(features, k, params, job.seed)
     owner = torch.repeat_interleave(torch.tensor(job.adapter_indices), torch.tensor(job.source_ranks))
     details: dict[str, object] = {"labels": labels.cpu(), "unit_adapter": owner}
     if represent is not None:
