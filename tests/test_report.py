@@ -149,6 +149,12 @@ def test_report_of_kohya_merge_without_clusters(tmp_path):
         ("dare_ties", []),
         ("magnitude_prune", []),
         ("linear", []),
+        ("tsv", []),
+        ("iso_c", []),
+        ("iso_cts", []),
+        ("knots_ties", []),
+        ("knots_dare", []),
+        ("ties", ["--space", "core"]),
         ("lego", ["--target", "vllm", "--weights", "1", "0.5"]),
         ("lego+", ["--weight-override", "1:v_proj=0.25"]),  # per-module weights, recorded and re-read
         ("cat", ["--weight-override", "2:q_proj=-1", "--verify"]),
