@@ -45,6 +45,7 @@ def _flag(name: str) -> str:
 
 def _add_field_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo, help_text: str) -> None:
     """One flag for one declared field: ``--no-x`` for switches that default on, ``--x`` for those off."""
+    help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
     annotation = field.annotation
     if annotation is bool:
         flag, action = (_flag("no_" + name), "store_false") if field.default else (_flag(name), "store_true")
