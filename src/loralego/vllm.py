@@ -29,6 +29,7 @@ import torch
 
 from .adapters.base import Adapter
 from .adapters.peft import CONFIG_NAME, PREFIX, SAFETENSORS_NAME
+from .adapters.safetensors_read import parse_header
 from .errors import LoraLegoError
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -134,16 +135,9 @@ def check_vllm(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> int:
     return rank
 
 
-def safetensors_header(path: Path) -> dict[str, TensorSpec]:
-    """``{name: (shape, dtype)}`` from a safetensors header, without reading any tensor data."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    return {name: (tuple(entry["shape"]), entry["dtype"]) for name, entry in header.items() if name != "__metadata__"}
-
-
 def check_vllm_folder(folder: str | Path) -> int:
     """:func:`check_vllm` on a written PEFT folder; returns the ``--max-lora-rank`` to serve it with."""
     folder = Path(folder)
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    return check_vllm(config, safetensors_header(folder / SAFETENSORS_NAME))
+    entries, _, _ = parse_header(folder / SAFETENSORS_NAME)  # the one safetensors header parser
+    return check_vllm(config, {name: (tuple(e["shape"]), e["dtype"]) for name, e in entries.items()})
