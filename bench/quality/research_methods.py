@@ -1,0 +1,169 @@
+"""Issue 15's research candidates: experimental rank-wise merges, registered apart from the product.
+
+Importing this module registers ``rlego``, a rank-wise merge on each input's *canonical units*: adapter j's
+update ``B_j A_j`` is written as its own SVD ``sum_i s_i u_i v_i^T``; those rank-1 terms are orthogonal
+within an input, carry their singular values and have no gauge (a LoRA unit ``(a, b)`` is only defined up to
+``(c a, b / c)``; a canonical unit is defined up to the sign of ``u v^T``, which k-means must not see).
+
+Per module:
+
+1. pool the canonical units of every input (components with ``s`` below ``1e-9`` of the module's largest are
+   rounding noise of a rank-deficient input and are dropped);
+2. k-means them with a sign-invariant similarity: the kernel ``K_ab = (<u_a,u_b> <v_a,v_b>)^2`` is the Gram
+   matrix of the features ``vec(M_a) (x) vec(M_a)`` of the unit matrices ``M_a = u_a v_a^T``, so it is PSD and
+   ``M`` and ``-M`` have the same feature; ``features="energy"`` weights each feature by ``s_a``;
+3. each cluster becomes one rank: the best rank-1 approximation of its members' summed (signed) update,
+   divided by ``n_c ** shared_power`` where ``n_c`` counts the distinct inputs in the cluster (power 1: a
+   direction shared by several tasks is averaged, one task's own is kept at its size, TIES' disjoint mean in
+   rank space);
+4. the spectrum of the k ranks: ``keep``; ``orth`` (TSV-like: the k left and right vectors replaced by their
+   polar factors, sizes kept); ``flat`` (orth, and every size set to the mean of the k sizes: isotropic);
+   ``flat_pool`` (orth, sizes set to Iso-C's value, the mean singular value of the summed update);
+5. times ``gain``.
+
+With k >= the pooled units every unit is its own cluster and, with ``spectrum="keep"``, ``gain=1``, the merge
+is the exact sum (one input round-trips exactly). Inputs are summed (weights 1 by default), like TIES and the
+2025 methods: step 3 decides what is averaged.
+
+``PROXY_RUNS`` names the configurations screened on the development proxy (devproxy.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from loralego.corespace import polar_factor
+from loralego.lowrank import thin_svd
+from loralego.methods import ModuleJob, ModuleResult, register
+from loralego.methods.base import thin_rank
+from loralego.methods.lego import RankwiseParams
+
+_DROP = 1e-9
+
+
+class RlegoParams(RankwiseParams):
+    features: Literal["direction", "energy"] = Field(
+        "direction", description="k-means features: unit matrices only, or weighted by their singular value"
+    )
+    shared_power: float = Field(1.0, description="a cluster's summed update is divided by n_inputs ** power")
+    spectrum: Literal["keep", "orth", "flat", "flat_pool"] = Field("keep", description="the k ranks' spectrum")
+    gain: float = Field(1.0, description="factor on the merged update")
+
+    @field_validator("shared_power", "gain")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if value != value or abs(value) == float("inf"):
+            raise ValueError("must be a finite number")
+        return value
+
+
+def canonical_units(factors: list[tuple[torch.Tensor, torch.Tensor]], adapter_indices: list[int]):
+    """``(U, s, Vh, owner)``: every input's SVD components, pooled (``U``: d_out x n, ``Vh``: n x d_in), float64;
+    near-zero components dropped."""
+    us, ss, vhs, owners = [], [], [], []
+    for (lora_a, lora_b), index in zip(factors, adapter_indices, strict=True):
+        u, s, vh = thin_svd(lora_a, lora_b)
+        count = min(u.shape[1], s.numel())
+        us.append(u[:, :count].double())
+        ss.append(s[:count].double())
+        vhs.append(vh[:count].double())
+        owners.append(torch.full((count,), index, dtype=torch.long))
+    u, s, vh, owner = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0), torch.cat(owners)
+    live = s > _DROP * float(s.max()) if s.numel() else s > 0
+    return u[:, live], s[live], vh[live], owner[live]
+
+
+def unit_kernel(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, features: str) -> torch.Tensor:
+    """The sign-invariant PSD kernel ``(<u_a,u_b><v_a,v_b>)^2`` (times ``s_a s_b`` for energy features)."""
+    kernel = ((u.T @ u) * (vh @ vh.T)) ** 2
+    if features == "energy":
+        kernel = kernel * (s[:, None] * s[None, :])
+    return kernel
+
+
+def unit_labels(kernel: torch.Tensor, k: int, params: RankwiseParams, seed: int) -> torch.Tensor:
+    from loralego.cluster import KMeans
+
+    n = kernel.shape[0]
+    if k >= n:
+        return torch.arange(n)
+    return KMeans(k, n_init=params.n_init, max_iter=params.max_iter, seed=seed).fit_gram(kernel).labels_.cpu()
+
+
+def cluster_ranks(u, s, vh, owner, labels, k: int, shared_power: float):
+    """Per cluster: the best rank-1 approximation of the members' summed update, divided by n_inputs ** power.
+    Returns ``(U_k, s_k, Vh_k)`` (d_out x k, k, k x d_in)."""
+    cols, sizes, rows = [], [], []
+    for cluster in range(k):
+        idx = (labels == cluster).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        if idx.numel() == 1:
+            u1, s1, vh1 = u[:, idx], s[idx], vh[idx]
+        else:
+            u1, s1, vh1 = thin_svd(vh[idx].float(), (u[:, idx] * s[idx]).float(), 1)
+            u1, s1, vh1 = u1[:, :1].double(), s1[:1].double(), vh1[:1].double()
+        inputs = int(torch.unique(owner[idx]).numel())
+        cols.append(u1)
+        sizes.append(s1 / inputs**shared_power)
+        rows.append(vh1)
+    return torch.cat(cols, 1), torch.cat(sizes), torch.cat(rows, 0)
+
+
+def shape_spectrum(u, s, vh, spectrum: str, pool_value: float):
+    if spectrum == "keep":
+        return u, s, vh
+    u, vh = polar_factor(u), polar_factor(vh.T).T
+    if spectrum == "flat":
+        s = torch.full_like(s, float(s.mean()))
+    elif spectrum == "flat_pool":
+        s = torch.full_like(s, pool_value)
+    return u, s, vh
+
+
+def signed_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int):
+    """Balanced float32 factors with lowrank.truncate's sign convention, zero-padded to ``rank``."""
+    from loralego.corespace import canonical_factors, pad_rank
+
+    return pad_rank(canonical_factors(u, s, vh), rank)
+
+
+def merge_rlego(job: ModuleJob) -> ModuleResult:
+    params: RlegoParams = job.params
+    u, s, vh, owner = canonical_units(job.factors, job.adapter_indices)
+    k = min(job.rank, s.numel())
+    labels = unit_labels(unit_kernel(u, s, vh, params.features), k, params, job.seed)
+    uk, sk, vhk = cluster_ranks(u, s, vh, owner, labels, k, params.shared_power)
+    pool_value = 0.0
+    if params.spectrum == "flat_pool":
+        from loralego.msu import concat
+
+        pool_value = float(thin_svd(*concat(job.factors))[1].double().mean())
+    uk, sk, vhk = shape_spectrum(uk, sk, vhk, params.spectrum, pool_value)
+    sk = sk * abs(params.gain)
+    if params.gain < 0:
+        uk = -uk
+    lora_a, lora_b = signed_factors(uk, sk, vhk, job.rank)
+    return ModuleResult(lora_a, lora_b, {"labels": labels, "unit_adapter": owner})
+
+
+register(
+    "rlego",
+    "experimental: rank-wise merge of canonical units (issue 15)",
+    params=RlegoParams,
+    output_rank=thin_rank,
+    clusters=True,
+)(merge_rlego)
+
+
+PROXY_RUNS: dict[str, dict[str, Any]] = {
+    "rlego[p1,keep]": {"method": "rlego"},
+    "rlego[p1,flat]": {"method": "rlego", "spectrum": "flat"},
+    "rlego[p1,orth]": {"method": "rlego", "spectrum": "orth"},
+    "rlego[p1,flat_pool]": {"method": "rlego", "spectrum": "flat_pool"},
+    "rlego[p0.5,keep]": {"method": "rlego", "shared_power": 0.5},
+    "rlego[p1,keep,energy]": {"method": "rlego", "features": "energy"},
+}
