@@ -83,3 +83,29 @@ def test_same_seed_same_bytes():
 def test_gain_must_be_finite(value):
     with pytest.raises(ValueError):
         rm.RlegoParams(gain=value)
+
+
+def test_soft_disjoint_mean():
+    assert float(rm.soft_disjoint_mean(torch.tensor([2.0, 2.0, 2.0]))) == pytest.approx(2.0)
+    assert float(rm.soft_disjoint_mean(torch.tensor([3.0, 0.0]))) == pytest.approx(3.0)
+    # The disagreeing sign is left out: the mean of the agreeing ones.
+    assert float(rm.soft_disjoint_mean(torch.tensor([2.0, 2.0, -1.0]))) == pytest.approx(2.0)
+
+
+def test_soft_sizing_and_dsvd_round_trip_one_input_and_average_copies():
+    base = _factors(6, [4])[0]
+    for method in (rm.merge_rlego, rm.merge_dsvd):
+        one = method(_job([base], 4, sizing="soft"))
+        assert torch.allclose(_update(one), _dense([base]), atol=1e-4)
+        copies = method(_job([base, (base[0].clone(), base[1].clone())], 4, sizing="soft"))
+        assert torch.allclose(_update(copies), _dense([base]), atol=1e-4)
+
+
+def test_dsvd_keeps_orthogonal_inputs_at_full_size():
+    # Inputs on disjoint coordinates: every top direction belongs to one input; the merge is their exact sum.
+    a1, a2 = torch.zeros(2, 40), torch.zeros(2, 40)
+    a1[0, 0], a1[1, 1], a2[0, 2], a2[1, 3] = 3.0, 2.0, 1.5, 1.0
+    b1, b2 = torch.zeros(30, 2), torch.zeros(30, 2)
+    b1[0, 0], b1[1, 1], b2[2, 0], b2[3, 1] = 1.0, 1.0, 1.0, 1.0
+    result = rm.merge_dsvd(_job([(a1, b1), (a2, b2)], 4))
+    assert torch.allclose(_update(result), _dense([(a1, b1), (a2, b2)]), atol=1e-5)

@@ -49,6 +49,11 @@ class RlegoParams(RankwiseParams):
         "direction", description="k-means features: unit matrices only, or weighted by their singular value"
     )
     shared_power: float = Field(1.0, description="a cluster's summed update is divided by n_inputs ** power")
+    sizing: Literal["power", "soft"] = Field(
+        "power",
+        description="each rank's size: the rank-1 sum divided by n_inputs ** shared_power (power), or the soft "
+        "disjoint mean of the inputs' projections on it (soft; see soft_disjoint_mean)",
+    )
     spectrum: Literal["keep", "orth", "flat", "flat_pool"] = Field("keep", description="the k ranks' spectrum")
     gain: float = Field(1.0, description="factor on the merged update")
 
@@ -93,8 +98,20 @@ def unit_labels(kernel: torch.Tensor, k: int, params: RankwiseParams, seed: int)
     return KMeans(k, n_init=params.n_init, max_iter=params.max_iter, seed=seed).fit_gram(kernel).labels_.cpu()
 
 
-def cluster_ranks(u, s, vh, owner, labels, k: int, shared_power: float):
-    """Per cluster: the best rank-1 approximation of the members' summed update, divided by n_inputs ** power.
+def soft_disjoint_mean(projections: torch.Tensor) -> torch.Tensor:
+    """TIES' disjoint mean, soft: of the inputs' projections ``q_j`` on a rank (their sum is its size), keep those
+    agreeing in sign with the sum and take their energy-weighted mean ``sum q_j^2 / sum |q_j|``: equal copies
+    give their common value (averaged), one input's own direction keeps its size (the others' near-zero
+    projections weigh nothing)."""
+    total = projections.sum()
+    agree = projections * torch.sign(total) > 0
+    kept = projections[agree].abs()
+    return (kept**2).sum() / kept.sum() if kept.numel() else total.abs() * 0.0
+
+
+def cluster_ranks(u, s, vh, owner, labels, k: int, shared_power: float, sizing: str = "power"):
+    """Per cluster: the best rank-1 approximation of the members' summed update, its size divided by
+    n_inputs ** power, or (``sizing="soft"``) replaced by the soft disjoint mean of the inputs' projections on it.
     Returns ``(U_k, s_k, Vh_k)`` (d_out x k, k, k x d_in)."""
     cols, sizes, rows = [], [], []
     for cluster in range(k):
@@ -106,9 +123,15 @@ def cluster_ranks(u, s, vh, owner, labels, k: int, shared_power: float):
         else:
             u1, s1, vh1 = thin_svd(vh[idx].float(), (u[:, idx] * s[idx]).float(), 1)
             u1, s1, vh1 = u1[:, :1].double(), s1[:1].double(), vh1[:1].double()
-        inputs = int(torch.unique(owner[idx]).numel())
+        if sizing == "soft":
+            # Member a's projection on the rank: s_a <u_a, u1> <v_a, v1>, summed per input.
+            proj = s[idx] * (u[:, idx].T @ u1[:, 0]) * (vh[idx] @ vh1[0])
+            per_input = torch.zeros(int(owner.max()) + 1, dtype=proj.dtype).index_add_(0, owner[idx], proj)
+            size = soft_disjoint_mean(per_input[torch.unique(owner[idx])]).reshape(1)
+        else:
+            size = s1 / int(torch.unique(owner[idx]).numel()) ** shared_power
         cols.append(u1)
-        sizes.append(s1 / inputs**shared_power)
+        sizes.append(size)
         rows.append(vh1)
     return torch.cat(cols, 1), torch.cat(sizes), torch.cat(rows, 0)
 
@@ -136,7 +159,12 @@ def merge_rlego(job: ModuleJob) -> ModuleResult:
     u, s, vh, owner = canonical_units(job.factors, job.adapter_indices)
     k = min(job.rank, s.numel())
     labels = unit_labels(unit_kernel(u, s, vh, params.features), k, params, job.seed)
-    uk, sk, vhk = cluster_ranks(u, s, vh, owner, labels, k, params.shared_power)
+    uk, sk, vhk = cluster_ranks(u, s, vh, owner, labels, k, params.shared_power, params.sizing)
+    return _finish(job, uk, sk, vhk, {"labels": labels, "unit_adapter": owner})
+
+
+def _finish(job: ModuleJob, uk, sk, vhk, details: dict[str, Any]) -> ModuleResult:
+    params = job.params
     pool_value = 0.0
     if params.spectrum == "flat_pool":
         from loralego.msu import concat
@@ -147,7 +175,22 @@ def merge_rlego(job: ModuleJob) -> ModuleResult:
     if params.gain < 0:
         uk = -uk
     lora_a, lora_b = signed_factors(uk, sk, vhk, job.rank)
-    return ModuleResult(lora_a, lora_b, {"labels": labels, "unit_adapter": owner})
+    return ModuleResult(lora_a, lora_b, details)
+
+
+def merge_dsvd(job: ModuleJob) -> ModuleResult:
+    """The top-k singular directions of the summed update, each resized to the soft disjoint mean of the inputs'
+    projections on it (a shared direction averaged, one input's own kept at its size): TIES' disjoint mean in
+    the summed update's singular basis."""
+    from loralego.msu import concat
+
+    u, _, vh = thin_svd(*concat(job.factors), job.rank)
+    u, vh = u.double(), vh.double()
+    k = u.shape[1]
+    # q[j, i] = u_i^T B_j A_j v_i
+    q = torch.stack([((u.T @ b.double()) * (a.double() @ vh.T).T).sum(1) for a, b in job.factors])
+    sizes = torch.stack([soft_disjoint_mean(q[:, i]) for i in range(k)])
+    return _finish(job, u, sizes, vh, {"space": "svd"})
 
 
 register(
@@ -159,6 +202,18 @@ register(
 )(merge_rlego)
 
 
+class DsvdParams(RlegoParams):
+    """dsvd reads sizing-free: always the soft disjoint mean (features, shared_power, sizing unused)."""
+
+
+register(
+    "dsvd",
+    "experimental: the summed update's top-k directions, each at the soft disjoint mean of the inputs' projections",
+    params=DsvdParams,
+    output_rank=thin_rank,
+)(merge_dsvd)
+
+
 PROXY_RUNS: dict[str, dict[str, Any]] = {
     "rlego[p1,keep]": {"method": "rlego"},
     "rlego[p1,flat]": {"method": "rlego", "spectrum": "flat"},
@@ -166,4 +221,8 @@ PROXY_RUNS: dict[str, dict[str, Any]] = {
     "rlego[p1,flat_pool]": {"method": "rlego", "spectrum": "flat_pool"},
     "rlego[p0.5,keep]": {"method": "rlego", "shared_power": 0.5},
     "rlego[p1,keep,energy]": {"method": "rlego", "features": "energy"},
+    "rlego[soft,keep]": {"method": "rlego", "sizing": "soft"},
+    "rlego[soft,flat]": {"method": "rlego", "sizing": "soft", "spectrum": "flat"},
+    "dsvd[keep]": {"method": "dsvd"},
+    "dsvd[flat]": {"method": "dsvd", "spectrum": "flat"},
 }
