@@ -20,9 +20,9 @@ def _factors(seed: int, ranks: list[int], d_in: int = 40, d_out: int = 30):
     return [(torch.randn(r, d_in, generator=gen), torch.randn(d_out, r, generator=gen)) for r in ranks]
 
 
-def _job(factors, rank: int, **params) -> ModuleJob:
+def _job(factors, rank: int, params_type=rm.RlegoParams, **params) -> ModuleJob:
     ranks = [a.shape[0] for a, _ in factors]
-    return ModuleJob("m", factors, list(range(len(factors))), ranks, rank, True, 0, rm.RlegoParams(**params))
+    return ModuleJob("m", factors, list(range(len(factors))), ranks, rank, True, 0, params_type(**params))
 
 
 def _update(result) -> torch.Tensor:
@@ -109,3 +109,14 @@ def test_dsvd_keeps_orthogonal_inputs_at_full_size():
     b1[0, 0], b1[1, 1], b2[2, 0], b2[3, 1] = 1.0, 1.0, 1.0, 1.0
     result = rm.merge_dsvd(_job([(a1, b1), (a2, b2)], 4))
     assert torch.allclose(_update(result), _dense([(a1, b1), (a2, b2)]), atol=1e-5)
+
+
+def test_iso_budget_is_flat_orthogonal_and_exactly_k():
+    factors = _factors(7, [4, 8, 4])
+    result = rm.merge_iso_budget(_job(factors, 7, rm.BudgetParams, per_task=2))
+    assert result.lora_a.shape[0] == 7
+    singular = torch.linalg.svdvals(_update(result))[:7]
+    assert torch.allclose(singular, singular.mean().expand(7), rtol=1e-4)
+    # Iso-C's flat value: the mean singular value of the summed update.
+    expected = torch.linalg.svdvals(_dense(factors))[:16].mean()
+    assert float(singular.mean()) == pytest.approx(float(expected), rel=1e-4)

@@ -214,6 +214,51 @@ register(
 )(merge_dsvd)
 
 
+class BudgetParams(RlegoParams):
+    per_task: int = Field(1, ge=0, le=64, description="each input's own directions in the output rank")
+    flat_value: Literal["pool", "kept"] = Field(
+        "pool", description="the flat size: Iso-C's (mean singular value of the summed update) or the kept ones' mean"
+    )
+
+
+def merge_iso_budget(job: ModuleJob) -> ModuleResult:
+    """Iso-CTS with its split applied to the output rank k instead of the core size: ``per_task`` directions of
+    each input's update with the common subspace projected out, the other ``k - T per_task`` from the summed
+    update; both sets orthogonalised together (polar factors), the spectrum flat. At k = 16 and 7 inputs,
+    Iso-CTS's own split (80 % of the core to the common part) leaves the task-specific directions at the
+    bottom of the truncation; here each input is guaranteed its own ranks."""
+    from loralego.corespace import core_space, truncate_orthogonal
+
+    params: BudgetParams = job.params
+    space = core_space(job.factors)
+    total = torch.stack(space.cores).sum(0)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    tasks = len(space.cores)
+    k = min(job.rank, space.size)
+    per_task = min(params.per_task, k // tasks)
+    common = k - per_task * tasks
+    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common].T]
+    for core in space.cores:
+        specific = core - us[0] @ (us[0].T @ core)
+        u_j, s_j, vh_j = torch.linalg.svd(specific, full_matrices=False)
+        us.append(u_j[:, :per_task])
+        ss.append(s_j[:per_task])
+        vs.append(vh_j[:per_task].T)
+    u_all, v_all, s_all = polar_factor(torch.cat(us, 1)), polar_factor(torch.cat(vs, 1)), torch.cat(ss)
+    value = float(s.mean()) if params.flat_value == "pool" else float(s_all.mean())
+    flat = torch.full_like(s_all, value * params.gain)
+    cut = truncate_orthogonal(space, u_all, flat, v_all, s_all, job.rank)
+    return ModuleResult(cut.lora_a, cut.lora_b, {"space": "core", "kept_energy": cut.kept_energy})
+
+
+register(
+    "iso_budget",
+    "experimental: Iso-CTS's common/task-specific split applied to the output rank (flat spectrum)",
+    params=BudgetParams,
+    output_rank=thin_rank,
+)(merge_iso_budget)
+
+
 PROXY_RUNS: dict[str, dict[str, Any]] = {
     "rlego[p1,keep]": {"method": "rlego"},
     "rlego[p1,flat]": {"method": "rlego", "spectrum": "flat"},
@@ -225,4 +270,10 @@ PROXY_RUNS: dict[str, dict[str, Any]] = {
     "rlego[soft,flat]": {"method": "rlego", "sizing": "soft", "spectrum": "flat"},
     "dsvd[keep]": {"method": "dsvd"},
     "dsvd[flat]": {"method": "dsvd", "spectrum": "flat"},
+    "rlego[energy,flat_pool]": {"method": "rlego", "features": "energy", "spectrum": "flat_pool"},
+    "iso_budget[t1]": {"method": "iso_budget", "per_task": 1},
+    "iso_budget[t2]": {"method": "iso_budget", "per_task": 2},
+    # Probes (not candidates): where the proxy puts Iso-C's best scale, to size the candidates' gain.
+    "probe:iso_c[alpha=1.5]": {"method": "iso_c", "iso_alpha": 1.5},
+    "probe:iso_c[alpha=0.7]": {"method": "iso_c", "iso_alpha": 0.7},
 }
