@@ -273,7 +273,13 @@ PROXY_RUNS: dict[str, dict[str, Any]] = {
     "rlego[energy,flat_pool]": {"method": "rlego", "features": "energy", "spectrum": "flat_pool"},
     "iso_budget[t1]": {"method": "iso_budget", "per_task": 1},
     "iso_budget[t2]": {"method": "iso_budget", "per_task": 2},
+    **{f"rlego[energy,flat_pool,g{g}]": {"method": "rlego", "features": "energy", "spectrum": "flat_pool", "gain": g}
+       for g in (1.25, 1.5, 2.0)},
+    **{f"iso_budget[t1,g{g}]": {"method": "iso_budget", "per_task": 1, "gain": g} for g in (1.5, 2.0)},
+    **{f"iso_budget[t2,g{g}]": {"method": "iso_budget", "per_task": 2, "gain": g} for g in (1.5, 2.0)},
     # Probes (not candidates): where the proxy puts Iso-C's best scale, to size the candidates' gain.
     "probe:iso_c[alpha=1.5]": {"method": "iso_c", "iso_alpha": 1.5},
     "probe:iso_c[alpha=0.7]": {"method": "iso_c", "iso_alpha": 0.7},
+    "probe:iso_c[alpha=2.0]": {"method": "iso_c", "iso_alpha": 2.0},
+    "probe:iso_cts[alpha=1.5]": {"method": "iso_cts", "iso_alpha": 1.5},
 }
