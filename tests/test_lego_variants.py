@@ -1,4 +1,5 @@
-"""The algebra of the lego+ variants: each choice is pinned against an exact statement."""
+"""The algebra of the rank-wise variants (the first lego+, now `lego+_x` in bench/quality/variants.py, and the
+sweep's other choices): each choice is pinned against an exact statement."""
 
 from __future__ import annotations
 
@@ -70,10 +71,10 @@ def test_rank1_representative_is_optimal_for_its_cluster():
 def test_lego_plus_is_exact_when_every_unit_is_its_own_cluster(mixed_adapters):
     # k >= pool: every unit is its own cluster, so the merge is the ensemble and the least-squares scale is 1.
     adapters = [loralego.load(path) for path in mixed_adapters]
-    summed = loralego.merge(adapters, method="lego+", rank=28, weights=[1.0] * 3)
+    summed = loralego.merge(adapters, method="lego+_x", rank=28, weights=[1.0] * 3)
     assert_updates_close(dense_updates(summed), summed_updates(adapters), rtol=1e-4, atol=1e-5)
     # Without weights lego+ averages: the target is the mean of the updates.
-    averaged = loralego.merge(adapters, method="lego+", rank=28)
+    averaged = loralego.merge(adapters, method="lego+_x", rank=28)
     assert_updates_close(dense_updates(averaged), summed_updates(adapters, [1 / 3] * 3), rtol=1e-4, atol=1e-5)
 
 
@@ -141,8 +142,8 @@ def test_ties_representative_elects_the_majority_sign():
 
 def test_lego_plus_defaults_to_weights_one_over_n(mixed_adapters):
     adapters = [loralego.load(path) for path in mixed_adapters]
-    default = loralego.merge(adapters, method="lego+", rank=6, seed=4)
-    explicit = loralego.merge(adapters, method="lego+", rank=6, seed=4, weights=[1 / 3] * 3)
+    default = loralego.merge(adapters, method="lego+_x", rank=6, seed=4)
+    explicit = loralego.merge(adapters, method="lego+_x", rank=6, seed=4, weights=[1 / 3] * 3)
     for module in default.modules:
         for x, y in zip(default.stored(module), explicit.stored(module), strict=True):
             assert torch.equal(x, y)
@@ -156,7 +157,7 @@ def test_adapters_per_cluster_counts_distinct_adapters():
 
 def test_variant_options_on_lego_match_lego_plus(mixed_adapters):
     adapters = [loralego.load(path) for path in mixed_adapters]
-    plus = loralego.merge(adapters, method="lego+", rank=6, seed=4)
+    plus = loralego.merge(adapters, method="lego+_x", rank=6, seed=4)
     spelled = loralego.merge(
         adapters, method="lego_x", rank=6, seed=4, gauge="balanced", cluster_on="directions",
         output_scale="least_squares", weights=[1 / 3] * 3,

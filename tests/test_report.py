@@ -140,7 +140,7 @@ def test_report_of_kohya_merge_without_clusters(tmp_path):
     ("method", "extra"),
     [
         ("lego", []),
-        ("lego+", []),  # weights 1/n by default: the report must use them, as the merge did
+        ("lego+", []),  # weights 1 by default (lego+ sums): the report must use them, as the merge did
         ("svd", []),
         ("cat", []),
         ("task_arithmetic", ["--rank", "5"]),
@@ -183,7 +183,6 @@ def test_report_figures_equal_verify_json(method, extra, mixed_adapters, adapter
             else:
                 assert value == theirs[key], key
     if method == "lego+" and not extra:
-        n = len(inputs)
-        assert figures["weights"] == pytest.approx([1 / n] * n)
+        assert figures["weights"] == [1.0] * len(inputs)
     if method == "cat" and extra:  # exact at the overridden weights: verify re-reads them from the merge's record
         assert verified["total"]["relative_error"] < 1e-6 and verified["weight_overrides"][1] == {"q_proj": -1.0}

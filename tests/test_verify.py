@@ -155,9 +155,9 @@ def test_lost_modules_count_and_foreign_modules_are_refused(mixed_adapters, caps
 
 
 def test_verify_defaults_to_the_weights_the_merge_recorded(mixed_adapters, tmp_path):
-    # lego+ averages by default: verify without --weights must compare with that average, not the plain sum.
+    # The merge records its weights: verify without --weights must compare with that average, not the plain sum.
     inputs = _load(mixed_adapters)
-    loralego.merge(inputs, method="lego+", rank=28).save(tmp_path / "plus")
+    loralego.merge(inputs, method="cat", weights=[1 / 3] * 3).save(tmp_path / "plus")
     merged = loralego.load(tmp_path / "plus")
     report = verify(merged, inputs)
     assert report.weights == pytest.approx([1 / 3] * 3)

@@ -231,7 +231,7 @@ def verify(
     """Compare ``merged`` with the exact weighted sum of ``inputs``, module by module (one module in memory).
 
     Without ``weights``: the ones recorded in the merged adapter's provenance when it names these inputs
-    (lego+ averages by default), with their recorded per-module overrides, else 1 for every input.
+    (a method may default to 1/n), with their recorded per-module overrides, else 1 for every input.
     ``weight_overrides``: per input, a module pattern -> weight mapping (``--weight-override``).
     """
     from .overrides import module_weight

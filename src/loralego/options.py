@@ -41,7 +41,7 @@ class MergeOptions(BaseModel):
         "for methods that take a rank (not cat or linear)",
     )
     weights: list[float] | None = Field(
-        None, description="one weight per input adapter (default: all 1; lego+: all 1/n)"
+        None, description="one weight per input adapter (default: all 1)"
     )
     seed: int = Field(0, description="seed for k-means and DARE; same seed, same bytes")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(

@@ -1,21 +1,37 @@
-"""``lego`` (LoRA-LEGO, arXiv 2409.16167, paper-faithful) and ``lego+`` (our measured preset).
+"""``lego`` (LoRA-LEGO, arXiv 2409.16167, paper-faithful) and ``lego+`` (ours, issue 15).
 
-Per module: pool the folded units of every input, k-means them into k clusters, turn each cluster into one
-rank of the merged LoRA: the mean of its units, with dual reweighting (parameter reweighting of each
-centroid's norm, output reweighting of the whole update). ``lego`` takes the paper's choices; ``lego+``
-changes three internal steps, chosen over the other variants on the public evaluation suite
-(docs/method.md, docs/results.md):
+``lego``, per module: pool the folded LoRA units of every input, k-means them into k clusters, turn each
+cluster into one rank of the merged LoRA: the mean of its units, with dual reweighting (parameter reweighting
+of each centroid's norm, output reweighting of the whole update by ``sqrt(r_ref / k)``).
 
-- gauge ``balanced``: a unit (a, b) is only defined up to (c a, b / c); making ||a|| = ||b|| and fixing the
-  sign lets equivalent units look alike to k-means;
-- cluster on ``directions``: the per-half unit directions, so large and small units that point the same way
-  share a cluster (the means and the parameter reweighting still use the units themselves);
-- output scale ``least_squares``: one factor per module, the gamma minimising ||gamma M - E||_F where E is
-  the exact weighted ensemble (what ``cat`` returns); and weights 1/n by default, so E is the average of the
-  task updates rather than their sum, the scale at which the ensemble itself works.
+``lego+``, per module (``canonical_merge``):
 
-The variants that lost (other representatives, other scales, adapter balancing) live with the evaluation
-(``bench/quality/variants.py``), which composes them from the steps here through ``rankwise_merge``'s hooks.
+1. balance (``lego_balance``, default on): each input's update rescaled to the module's mean Frobenius norm;
+2. canonical units: each input's own SVD components ``s u v^T``. A LoRA unit ``(a, b)`` is only defined up to
+   ``(c a, b / c)`` and any rotation of the input's rank space mixes its units; the SVD components are unique
+   up to sign, orthogonal within an input and carry their size;
+3. k-means on the sign-invariant, energy-weighted kernel ``s_a s_b (<u_a,u_b><v_a,v_b>)^2`` (a PSD Gram
+   matrix, so Lloyd's algorithm runs on it exactly; ``M`` and ``-M`` are one point);
+4. each cluster becomes one rank: the top singular pair of its members' summed update (opposing members
+   cancel);
+5. the k directions made orthonormal (polar factors, TSV-Merge's decorrelation) and every rank given one size,
+   ``lego_alpha`` x the mean singular value of the summed update (Iso-C's flat spectrum; Iso-C, Marczak et al.
+   ICML 2025, is ``lego_alpha = 1`` on the summed update's own top directions).
+
+Why: the flat spectrum is what makes the 2025 subspace methods lead (a direction shared by all tasks does not
+drown the tasks' own ones); the rank-wise part chooses the k directions by clustering every input's units, so
+each rank is a group of like directions. Inputs are summed (weights 1), as Iso-C sums them. The defaults
+(energy kernel, balancing, ``lego_alpha = 2``) were chosen on a development proxy built from the tasks'
+training splits (bench/quality/research_log.md), not on the test suite.
+
+Exact cases (tests/test_lego_plus.py): one input at k = r is Iso-C of it; with k >= the pooled rank every unit
+is its own cluster and the merge is TSV-Merge's directions with Iso-C's flat spectrum, independent of the
+inputs' order. With k below the pooled rank the k-means seeding depends on the order of the pool (inputs'
+order), like ``lego``: same inputs, order and seed give the same bytes.
+
+The first ``lego+`` (balanced gauge, direction clustering, least-squares scale to the average ensemble; the
+``PLUS`` preset below) and the other variants of that sweep live with the evaluation as ``lego+_x``
+(``bench/quality/variants.py``), composed from the steps here through ``rankwise_merge``'s hooks.
 """
 
 from __future__ import annotations
@@ -29,7 +45,8 @@ import torch
 from pydantic import Field, field_validator
 
 from ..cluster import KMeans, cluster_means
-from ..lowrank import frobenius_inner, frobenius_norm_sq
+from ..corespace import canonical_factors, core_space, pad_rank, polar_factor
+from ..lowrank import frobenius_inner, frobenius_norm_sq, thin_svd
 from ..msu import Factors, concat, from_units, to_units, unit_norms
 from . import register
 from .base import MethodParams, ModuleJob, ModuleResult, RankRequest, check_count
@@ -41,18 +58,11 @@ MAX_N_INIT = 1000
 MAX_ITER = 100_000
 
 
-class RankwiseParams(MethodParams):
-    """The parameters every rank-wise merge takes (lego+'s)."""
+class KMeansParams(MethodParams):
+    """The k-means counts every rank-wise merge takes."""
 
     n_init: int = Field(4, description=f"k-means restarts (at most {MAX_N_INIT})")
     max_iter: int = Field(100, description=f"k-means iteration cap (at most {MAX_ITER})")
-    param_reweight: bool = Field(True, description="scale each centroid to its members' mean norm")
-    output_reweight: bool = Field(
-        True,
-        description="scale the merged update (lego: by sqrt(r_ref / k); lego+: by its least-squares fit to the "
-        "exact weighted ensemble)",
-    )
-    norm: Literal["inf", "2"] = Field("inf", description="norm used by parameter reweighting")
 
     @field_validator("n_init")
     @classmethod
@@ -63,6 +73,18 @@ class RankwiseParams(MethodParams):
     @classmethod
     def _max_iter(cls, value: int) -> int:
         return check_count(value, MAX_ITER)
+
+
+class RankwiseParams(KMeansParams):
+    """The parameters of the unit-pool rank-wise merges (paper lego's, and its experimental variants')."""
+
+    param_reweight: bool = Field(True, description="scale each centroid to its members' mean norm")
+    output_reweight: bool = Field(
+        True,
+        description="scale the merged update (lego: by sqrt(r_ref / k); lego+: by its least-squares fit to the "
+        "exact weighted ensemble)",
+    )
+    norm: Literal["inf", "2"] = Field("inf", description="norm used by parameter reweighting")
 
 
 class LegoParams(RankwiseParams):
@@ -263,13 +285,148 @@ def merge_lego(job: ModuleJob) -> ModuleResult:
     return rankwise_merge(job, PAPER)
 
 
+# ---------------------------------------------------------------- lego+: canonical units, isotropic ranks
+
+PLUS_ALPHA = 2.0  # chosen on the development proxy (bench/quality/research_log.md), never on a test set
+
+
+class LegoPlusParams(KMeansParams):
+    """lego+'s knobs."""
+
+    lego_alpha: float = Field(
+        PLUS_ALPHA,
+        description="scale of the flat spectrum: each merged rank gets lego_alpha x the mean singular value of "
+        "the summed update (Iso-C's value at lego_alpha = 1)",
+    )
+    lego_balance: bool = Field(
+        True, description="rescale the inputs of each module to their mean Frobenius norm before merging"
+    )
+
+    @field_validator("lego_alpha")
+    @classmethod
+    def _alpha(cls, value: float) -> float:
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError("must be a finite number > 0")
+        return value
+
+
+@dataclass(frozen=True)
+class CanonicalUnits:
+    """Every input's own SVD components, pooled: unit i is ``s[i] u_i v_i^T`` of input ``owner[i]`` (float64)."""
+
+    u: torch.Tensor  # d_out x n, orthonormal within each input
+    s: torch.Tensor  # n singular values
+    vh: torch.Tensor  # n x d_in, orthonormal within each input
+    owner: torch.Tensor  # n input indices
+
+
+def canonical_units(factors: list[Factors], adapter_indices: list[int]) -> CanonicalUnits:
+    """Each input's SVD ``B_j A_j = sum_i s_i u_i v_i^T`` from its thin factors (lowrank.thin_svd), pooled.
+
+    Unlike LoRA units ``(a, b)``, which are defined only up to ``(c a, b / c)`` and mix the input's directions
+    through any rotation of its rank space, these are unique up to the sign of ``u v^T``, orthogonal within an
+    input and carry their singular values. Components below ``1e-9`` of the module's largest are rounding
+    noise of a rank-deficient input and are left out.
+    """
+    us, ss, vhs, owners = [], [], [], []
+    for (lora_a, lora_b), index in zip(factors, adapter_indices, strict=True):
+        u, s, vh = thin_svd(lora_a, lora_b)
+        count = min(u.shape[1], vh.shape[0], s.numel())
+        us.append(u[:, :count].double())
+        ss.append(s[:count].double())
+        vhs.append(vh[:count].double())
+        owners.append(torch.full((count,), index, dtype=torch.long))
+    u, s, vh, owner = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0), torch.cat(owners)
+    live = s > _CANONICAL_DROP * float(s.max().clamp_min(_EPS))
+    return CanonicalUnits(u[:, live], s[live], vh[live], owner[live])
+
+
+_CANONICAL_DROP = 1e-9
+
+
+def canonical_kernel(units: CanonicalUnits) -> torch.Tensor:
+    """``K_ab = s_a s_b (<u_a, u_b> <v_a, v_b>)^2``: a sign-invariant, PSD similarity of the units.
+
+    ``<u_a, u_b> <v_a, v_b>`` is the Frobenius inner product of the unit matrices ``u v^T``; its square is the
+    inner product of ``vec(u v^T) (x) vec(u v^T)``, so ``K`` is the Gram matrix of the features
+    ``sqrt(s_a) vec(M_a) (x) vec(M_a)``: k-means on it sees ``M`` and ``-M`` as one point, and large units weigh
+    more in the clusters' centers.
+    """
+    cosines = (units.u.T @ units.u) * (units.vh @ units.vh.T)
+    return cosines**2 * (units.s[:, None] * units.s[None, :])
+
+
+def cluster_directions(units: CanonicalUnits, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cluster, the top singular pair ``(u, v)`` of its members' summed update ``sum s_a u_a v_a^T`` (signs
+    included, so opposing members cancel): ``(U_k, Vh_k)``, ``d_out x k`` and ``k x d_in``."""
+    cols, rows = [], []
+    for cluster in range(k):
+        members = (labels == cluster).nonzero().squeeze(1)
+        if members.numel() == 1:
+            cols.append(units.u[:, members])
+            rows.append(units.vh[members])
+            continue
+        u, _, vh = thin_svd(units.vh[members], units.u[:, members] * units.s[members], 1)
+        cols.append(u[:, :1].double())
+        rows.append(vh[:1].double())
+    return torch.cat(cols, 1), torch.cat(rows, 0)
+
+
+def isotropic_value(factors: list[Factors]) -> float:
+    """Iso-C's flat singular value: the mean singular value of the summed update, over the core's dimensions
+    (methods/spectral.py, ``iso_c_components``)."""
+    space = core_space(factors)
+    return float(torch.linalg.svdvals(torch.stack(space.cores).sum(0)).mean())
+
+
+def balance_inputs(factors: list[Factors]) -> list[Factors]:
+    """Each input's update rescaled to the mean Frobenius norm of the module's inputs (split evenly over A and
+    B), so an input trained longer or at a larger alpha / r does not own the k ranks; zero updates stay."""
+    norms = [math.sqrt(frobenius_norm_sq(f)) for f in factors]
+    live = [n for n in norms if n > _EPS]
+    if not live:
+        return factors
+    target = sum(live) / len(live)
+    return [
+        (a * math.sqrt(target / n), b * math.sqrt(target / n)) if n > _EPS else (a, b)
+        for (a, b), n in zip(factors, norms, strict=True)
+    ]
+
+
+def canonical_merge(job: ModuleJob) -> ModuleResult:
+    """One module's lego+ merge (see the module docstring)."""
+    params: LegoPlusParams = job.params
+    factors = balance_inputs(job.factors) if params.lego_balance else job.factors
+    units = canonical_units(factors, job.adapter_indices)
+    n = units.s.numel()
+    k = min(job.rank, n)
+    if k >= n:
+        labels = torch.arange(n)
+    else:
+        kmeans = KMeans(k, n_init=params.n_init, max_iter=params.max_iter, seed=job.seed)
+        labels = kmeans.fit_gram(canonical_kernel(units)).labels_.cpu()
+    u_k, vh_k = cluster_directions(units, labels, k)
+    # The k directions made orthonormal (polar factors, TSV's decorrelation), every rank at one size.
+    u_o, v_o = polar_factor(u_k), polar_factor(vh_k.T)
+    flat = torch.full((k,), params.lego_alpha * isotropic_value(factors), dtype=torch.float64)
+    lora_a, lora_b = pad_rank(canonical_factors(u_o, flat, v_o.T), job.rank)
+    return ModuleResult(lora_a, lora_b, {"labels": labels, "unit_adapter": units.owner})
+
+
+def canonical_rank(params: KMeansParams, request: RankRequest) -> int:
+    """k ranks: at most the pool's rank and the matrix's (``min(k, N, d_out, d_in)``, as the SVD truncations)."""
+    pool = request.pool_size
+    k = request.rank if request.rank is not None else pool
+    return min(k, pool, request.d_out, request.d_in)
+
+
 @register(
     "lego+",
-    "LoRA-LEGO with gauge-fixed direction clustering, scaled to fit the average ensemble (weights 1/n)",
-    params=RankwiseParams,
-    average_by_default=True,
-    output_rank=kmeans_rank,
+    "LoRA-LEGO on canonical units: sign-invariant k-means of each input's SVD components, one orthogonal rank "
+    "per cluster, flat spectrum",
+    params=LegoPlusParams,
+    output_rank=canonical_rank,
     clusters=True,
 )
 def merge_lego_plus(job: ModuleJob) -> ModuleResult:
-    return rankwise_merge(job, PLUS)
+    return canonical_merge(job)
