@@ -56,13 +56,22 @@ class Resample:
 
     @classmethod
     def draw(cls, seed: int = 0) -> Resample:
+        """The suite's resample: groups from tasks.py (a word task's questions about one word share a group)."""
+        tasks = load_tasks(list(TASKS))
+        return cls.from_groups({name: [ex.group or f"#{i}" for i, ex in enumerate(task.test)]
+                                for name, task in tasks.items()}, seed)
+
+    @classmethod
+    def from_groups(cls, groups_by_task: dict[str, list[str]], seed: int = 0, replicates: int = BOOTSTRAP) -> Resample:
+        """Each replicate draws, per task, as many groups as it has, with replacement; an example's weight is
+        the number of times its group was drawn."""
         rng = np.random.default_rng(seed)
         weights = {}
-        for name, task in load_tasks(list(TASKS)).items():
-            groups: dict[str, int] = {}
-            index = np.array([groups.setdefault(ex.group or f"#{i}", len(groups)) for i, ex in enumerate(task.test)])
-            picks = rng.integers(0, len(groups), size=(BOOTSTRAP, len(groups)))
-            counts = np.stack([np.bincount(row, minlength=len(groups)) for row in picks])  # (B, n_groups)
+        for name, labels in groups_by_task.items():
+            ids: dict[str, int] = {}
+            index = np.array([ids.setdefault(label, len(ids)) for label in labels])
+            picks = rng.integers(0, len(ids), size=(replicates, len(ids)))
+            counts = np.stack([np.bincount(row, minlength=len(ids)) for row in picks])  # (replicates, n_groups)
             weights[name] = np.vstack([np.ones(len(index)), counts[:, index]]).astype(np.float64)
         return cls(weights)
 
