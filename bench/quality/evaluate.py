@@ -122,8 +122,14 @@ def plan(adapter_set: str) -> list[Run]:
     return sorted(unique.values(), key=lambda run: (run.meta["tier"], _method_order(run)))
 
 
+# Within a tier, the comparisons that decide the most come first (a partial run already answers them):
+# lego+ and the research candidates against the 2025 leaders, then the classics.
+PRIORITY = ("cat", "lego+", "iso_cts", "iso_c", "tsv", "lego", "ties", "svd_avg", "linear", "svd", "knots_ties",
+            "core_ties", "dare_ties", "knots_dare", "core_dare_ties", "task_arithmetic")
+
+
 def _method_order(run: Run) -> int:
-    order = ["cat", "linear", "task_arithmetic", "svd_avg", *METHODS, *candidate_methods()]
+    order = [*PRIORITY[:2], *candidate_methods(), *PRIORITY[2:]]
     return order.index(run.group) if run.group in order else len(order)
 
 
