@@ -54,7 +54,7 @@ class RlegoParams(RankwiseParams):
         description="each rank's size: the rank-1 sum divided by n_inputs ** shared_power (power), or the soft "
         "disjoint mean of the inputs' projections on it (soft; see soft_disjoint_mean)",
     )
-    spectrum: Literal["keep", "orth", "flat", "flat_pool"] = Field("keep", description="the k ranks' spectrum")
+    spectrum: Literal["keep", "orth", "flat", "flat_pool", "geo"] = Field("keep", description="the k ranks' spectrum")
     gain: float = Field(1.0, description="factor on the merged update")
     balance: bool = Field(False, description="equal Frobenius norms of the inputs per module before everything")
 
@@ -145,6 +145,8 @@ def shape_spectrum(u, s, vh, spectrum: str, pool_value: float):
         s = torch.full_like(s, float(s.mean()))
     elif spectrum == "flat_pool":
         s = torch.full_like(s, pool_value)
+    elif spectrum == "geo":
+        s = (s.clamp_min(0) * pool_value).sqrt()  # halfway (in log) between keeping the sizes and Iso-C's flat one
     return u, s, vh
 
 
@@ -177,7 +179,7 @@ def merge_rlego(job: ModuleJob) -> ModuleResult:
 def _finish(job: ModuleJob, uk, sk, vhk, details: dict[str, Any]) -> ModuleResult:
     params = job.params
     pool_value = 0.0
-    if params.spectrum == "flat_pool":
+    if params.spectrum in ("flat_pool", "geo"):
         from loralego.msu import concat
 
         pool_value = float(thin_svd(*concat(job.factors))[1].double().mean())
@@ -293,6 +295,10 @@ PROXY_RUNS: dict[str, dict[str, Any]] = {
                                                  "balance": True, "gain": g} for g in (1.0, 1.5)},
     **{f"iso_budget[t0,balance,g{g}]": {"method": "iso_budget", "per_task": 0, "balance": True, "gain": g}
        for g in (1.0, 1.5)},
+    **{f"rlego[energy,geo,g{g}]": {"method": "rlego", "features": "energy", "spectrum": "geo", "gain": g}
+       for g in (1.0, 1.5)},
+    "rlego[energy,flat_pool,g1.75]": {"method": "rlego", "features": "energy", "spectrum": "flat_pool", "gain": 1.75},
+    "iso_budget[t1,g1.75]": {"method": "iso_budget", "per_task": 1, "gain": 1.75},
     # Probes (not candidates): where the proxy puts Iso-C's best scale, to size the candidates' gain.
     "probe:iso_c[alpha=1.5]": {"method": "iso_c", "iso_alpha": 1.5},
     "probe:iso_c[alpha=0.7]": {"method": "iso_c", "iso_alpha": 0.7},
