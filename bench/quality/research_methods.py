@@ -292,7 +292,7 @@ PROXY_RUNS: dict[str, dict[str, Any]] = {
     **{f"iso_budget[t1,g{g}]": {"method": "iso_budget", "per_task": 1, "gain": g} for g in (1.5, 2.0)},
     **{f"iso_budget[t2,g{g}]": {"method": "iso_budget", "per_task": 2, "gain": g} for g in (1.5, 2.0)},
     **{f"rlego[energy,flat_pool,balance,g{g}]": {"method": "rlego", "features": "energy", "spectrum": "flat_pool",
-                                                 "balance": True, "gain": g} for g in (1.0, 1.5)},
+                                                 "balance": True, "gain": g} for g in (1.0, 1.5, 2.0)},
     **{f"iso_budget[t0,balance,g{g}]": {"method": "iso_budget", "per_task": 0, "balance": True, "gain": g}
        for g in (1.0, 1.5)},
     **{f"rlego[energy,geo,g{g}]": {"method": "rlego", "features": "energy", "spectrum": "geo", "gain": g}
