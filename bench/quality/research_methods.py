@@ -54,8 +54,9 @@ class RlegoParams(RankwiseParams):
         description="each rank's size: the rank-1 sum divided by n_inputs ** shared_power (power), or the soft "
         "disjoint mean of the inputs' projections on it (soft; see soft_disjoint_mean)",
     )
-    spectrum: Literal["keep", "orth", "flat", "flat_pool"] = Field("keep", description="the k ranks' spectrum")
+    spectrum: Literal["keep", "orth", "flat", "flat_pool", "geo"] = Field("keep", description="the k ranks' spectrum")
     gain: float = Field(1.0, description="factor on the merged update")
+    balance: bool = Field(False, description="equal Frobenius norms of the inputs per module before everything")
 
     @field_validator("shared_power", "gain")
     @classmethod
@@ -144,6 +145,8 @@ def shape_spectrum(u, s, vh, spectrum: str, pool_value: float):
         s = torch.full_like(s, float(s.mean()))
     elif spectrum == "flat_pool":
         s = torch.full_like(s, pool_value)
+    elif spectrum == "geo":
+        s = (s.clamp_min(0) * pool_value).sqrt()  # halfway (in log) between keeping the sizes and Iso-C's flat one
     return u, s, vh
 
 
@@ -154,7 +157,17 @@ def signed_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
     return pad_rank(canonical_factors(u, s, vh), rank)
 
 
+def _balanced(job: ModuleJob) -> ModuleJob:
+    """The job with its inputs rescaled to their mean Frobenius norm (variants.balance_adapters)."""
+    from dataclasses import replace
+
+    from variants import balance_adapters
+
+    return replace(job, factors=balance_adapters(job.factors)) if job.params.balance else job
+
+
 def merge_rlego(job: ModuleJob) -> ModuleResult:
+    job = _balanced(job)
     params: RlegoParams = job.params
     u, s, vh, owner = canonical_units(job.factors, job.adapter_indices)
     k = min(job.rank, s.numel())
@@ -166,7 +179,7 @@ def merge_rlego(job: ModuleJob) -> ModuleResult:
 def _finish(job: ModuleJob, uk, sk, vhk, details: dict[str, Any]) -> ModuleResult:
     params = job.params
     pool_value = 0.0
-    if params.spectrum == "flat_pool":
+    if params.spectrum in ("flat_pool", "geo"):
         from loralego.msu import concat
 
         pool_value = float(thin_svd(*concat(job.factors))[1].double().mean())
@@ -229,6 +242,7 @@ def merge_iso_budget(job: ModuleJob) -> ModuleResult:
     bottom of the truncation; here each input is guaranteed its own ranks."""
     from loralego.corespace import core_space, truncate_orthogonal
 
+    job = _balanced(job)
     params: BudgetParams = job.params
     space = core_space(job.factors)
     total = torch.stack(space.cores).sum(0)
@@ -277,6 +291,14 @@ PROXY_RUNS: dict[str, dict[str, Any]] = {
        for g in (1.25, 1.5, 2.0)},
     **{f"iso_budget[t1,g{g}]": {"method": "iso_budget", "per_task": 1, "gain": g} for g in (1.5, 2.0)},
     **{f"iso_budget[t2,g{g}]": {"method": "iso_budget", "per_task": 2, "gain": g} for g in (1.5, 2.0)},
+    **{f"rlego[energy,flat_pool,balance,g{g}]": {"method": "rlego", "features": "energy", "spectrum": "flat_pool",
+                                                 "balance": True, "gain": g} for g in (1.0, 1.5, 2.0)},
+    **{f"iso_budget[t0,balance,g{g}]": {"method": "iso_budget", "per_task": 0, "balance": True, "gain": g}
+       for g in (1.0, 1.5)},
+    **{f"rlego[energy,geo,g{g}]": {"method": "rlego", "features": "energy", "spectrum": "geo", "gain": g}
+       for g in (1.0, 1.5)},
+    "rlego[energy,flat_pool,g1.75]": {"method": "rlego", "features": "energy", "spectrum": "flat_pool", "gain": 1.75},
+    "iso_budget[t1,g1.75]": {"method": "iso_budget", "per_task": 1, "gain": 1.75},
     # Probes (not candidates): where the proxy puts Iso-C's best scale, to size the candidates' gain.
     "probe:iso_c[alpha=1.5]": {"method": "iso_c", "iso_alpha": 1.5},
     "probe:iso_c[alpha=0.7]": {"method": "iso_c", "iso_alpha": 0.7},
