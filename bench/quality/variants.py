@@ -1,5 +1,6 @@
-"""The rank-wise variants of the research sweep (docs/results.md, "Rank-wise variants"), kept runnable here,
-apart from the product: most lost, and the two that won became ``lego+`` (src/loralego/methods/lego.py).
+"""The rank-wise variants of the issue-8 sweep (docs/results-v1.md, "Rank-wise variants"), kept runnable here,
+apart from the product: most lost, and the two that won became the first ``lego+``, which is ``lego+_x`` at its
+defaults now that ``lego+`` is the canonical-unit merge of issue 15 (src/loralego/methods/lego.py).
 
 Importing this module registers two experimental methods, ``lego_x`` (paper lego's choices as defaults,
 weights 1) and ``lego+_x`` (lego+'s, weights 1/n), which take every knob of the sweep as a parameter:
