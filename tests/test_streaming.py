@@ -147,7 +147,7 @@ def test_merge_prints_summary_and_quiet_prints_nothing(mixed_adapters, tmp_path,
     captured = capsys.readouterr()
     assert captured.err == ""  # a short merge in a log: no progress lines
     summary = captured.out.strip().splitlines()[-1]
-    assert summary.startswith("merged 3 adapters with lego (rank 4)")
+    assert summary.startswith("merged 3 adapters with lego+ (rank 4)")  # lego+ is the default method
     assert "modules in" in summary and "peak memory" in summary and summary.endswith(" MB")
     assert main(["merge", *inputs, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")

@@ -24,7 +24,7 @@ class MergeOptions(BaseModel):
     # strict: values from recipes and metadata keep their kind (rank: true, density: "0.3" are refused)
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    method: str = Field("lego", description="merge method (see `loralego methods`)")
+    method: str = Field("lego+", description="merge method (see `loralego methods`; default lego+, docs/results.md)")
     rank: int | None = Field(
         None,
         description="output rank k; default: the largest input rank (cat and task_arithmetic: exact sum)",
@@ -87,7 +87,7 @@ class MergeOptions(BaseModel):
     @classmethod
     def _method_parameters(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            method = data.get("method", "lego")
+            method = data.get("method", "lego+")
             if not isinstance(method, str):
                 raise ValueError("method must be a name (see `loralego methods`)")
             data = {**data, "parameters": method_parameters(method, data.get("parameters"))}
