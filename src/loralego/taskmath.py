@@ -122,7 +122,9 @@ def disjoint_merge(stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     entries no task agrees on are 0."""
     agree = stacked.sign() == sign
     total = torch.where(agree, stacked, 0.0).sum(dim=0)  # a scalar zero: no stack-sized zeros tensor
-    return total / agree.sum(dim=0).clamp_min(1).to(stacked.dtype)
+    # counted in the float dtype (exact while the count is: 2^24 tasks in float32, 256 in bfloat16): a float
+    # reduction over dim 0 is several times faster than torch's integer reduction of a bool tensor
+    return total / agree.to(stacked.dtype).sum(dim=0).clamp_min(1)
 
 
 def _stack(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
