@@ -9,10 +9,9 @@ Both routes start from the float64 Gram matrix ``G`` of the smaller side (``M M^
   tolerance to choose. In float64 the squared condition number costs nothing that matters for float32 inputs.
   Its cost is the ``O(n^3)`` eigendecomposition, most of it memory-bound (about a minute at ``n = 4096``).
 - **certified route** (:func:`certified_top_space`): Chebyshev-filtered block subspace iteration on ``G`` from a
-  fixed-seed start,
-  Rayleigh-Ritz, then an a-posteriori certificate that bounds the distance of the result to the eigh route's
-  one; when the bound is not below :data:`CERTIFIED_TOLERANCE`, the eigh route runs on the same ``G``. Its cost
-  is ``G``, a few ``n^2 p`` products and one Cholesky factorisation (``n^3 / 3``, BLAS-3).
+  fixed-seed start, Rayleigh-Ritz, then an a-posteriori certificate that bounds the distance of the result to
+  the exact one; when the bound is not below :data:`CERTIFIED_TOLERANCE`, the eigh route runs on the same
+  ``G``. Its cost is ``G``, a few dozen ``n^2 p`` products and one Cholesky factorisation (``n^3 / 3``, BLAS-3).
 
 The guarantee (derivation in docs/method.md, "Certified dense truncation"): with ``Q`` the k orthonormal vectors
 returned, ``R = G Q - Q Theta`` (``Theta = Q^T G Q``), ``tau`` a number certified by a Cholesky factorisation to
@@ -22,7 +21,7 @@ bound every eigenvalue of ``G`` on the orthogonal complement of ``Q``, and ``del
 - ``||sin angle(Q, U_k)||_F <= ||R||_F / delta`` (Davis-Kahan), so ``U_k`` is unique and
 - ``||Q Q^T M - U_k U_k^T M||_F <= sqrt(2) ||R||_F / delta * ||U_k U_k^T M||_F``: the certified product ``B @ A``
   is within ``bound`` (relative, Frobenius) of the exact best rank-k approximation,
-- the residual energy ``||M - Q Q^T M||_F^2`` exceeds the optimum by at most ``k ||R||_F`` (Weyl) and at most
+- the residual energy ``||M - Q Q^T M||_F^2`` exceeds the optimum by at most ``k ||R||_2`` (Weyl) and at most
   ``k ||R||^2 / (g/2 + sqrt(g^2/4 + ||R||^2))`` with ``g = lambda_min(Theta) - tau`` (Li and Li, 2005).
 
 Floating-point rounding of every step that feeds the bound (the Gram product, forming the complement, the
