@@ -3,8 +3,9 @@ updates (``taskmath``), applied in one of two spaces, chosen with the ``space`` 
 
 - ``dense`` (default): the combination runs on the inputs' full weighted updates ``B_j @ A_j`` of this one
   module (``d_out x d_in`` each, freed when the module is done), then the result is cut to the output rank k
-  by an exact truncated SVD (``densesvd``). Works for any mix of ranks. This is PEFT's ``ties_svd``,
-  ``dare_linear_svd``, ``dare_ties_svd`` and ``magnitude_prune_svd``.
+  by the certified truncated SVD of ``densesvd`` (within 1e-7 of the exact one, proved per module, else the
+  exact eigh route; the route taken is in the module's details). Works for any mix of ranks. This is PEFT's
+  ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd`` and ``magnitude_prune_svd``.
 - ``factors``: the combination runs on the A factors, then on the B factors, separately (PEFT's plain
   ``ties``, ``dare_*`` and ``magnitude_prune``). Only defined for inputs of one rank; the output keeps it.
 - ``core``: the combination runs on each input's ``N x N`` core in the shared singular bases of the stacked
@@ -27,7 +28,7 @@ from pydantic import Field, field_validator
 
 from .. import taskmath
 from ..corespace import core_space, truncate_core
-from ..densesvd import truncate_dense
+from ..densesvd import truncate_dense_certified
 from ..errors import LoraLegoError
 from . import register
 from .base import MethodParams, ModuleJob, ModuleResult, RankRequest, check_fraction, thin_rank
@@ -91,8 +92,11 @@ def merge_task_tensors(job: ModuleJob, combine: Combine) -> ModuleResult:
         cut = truncate_core(space, combine(space.cores, job.params, generator), job.rank)
         return ModuleResult(cut.lora_a, cut.lora_b, {"space": "core", "kept_energy": cut.kept_energy})
     updates = (lora_b @ lora_a for lora_a, lora_b in job.factors)  # lazy: one dense update alive at a time
-    lora_a, lora_b = truncate_dense(combine(updates, job.params, generator), job.rank)
-    return ModuleResult(lora_a, lora_b, {"space": "dense"})
+    (lora_a, lora_b), found = truncate_dense_certified(combine(updates, job.params, generator), job.rank)
+    details: dict[str, object] = {"space": "dense", "dense_route": found.route}
+    if found.certificate is not None:
+        details["certified_bound"] = found.certificate.output_bound
+    return ModuleResult(lora_a, lora_b, details)
 
 
 def _ties(tensors: Iterable[torch.Tensor], params: SignedPruneParams, generator: torch.Generator) -> torch.Tensor:
