@@ -22,7 +22,7 @@ def main() -> None:
         for key, rows in json.loads(Path(file).read_text()).items():
             n = int(key.split("/")[0])
             for name, row in rows.items():
-                if "seconds" in row and isinstance(row["seconds"], float):
+                if "seconds" in row and isinstance(row["seconds"], float) and not row.get("timed_out"):
                     series.setdefault(name, []).append((n, row["seconds"]))
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, points in sorted(series.items()):
