@@ -6,6 +6,8 @@ For each n, every measurement is a whole subprocess (interpreter start and impor
 wall clock, with its peak RSS taken from ``os.wait4``:
 
 - ``floor``: safe_open each input and read every tensor once (the I/O floor);
+- ``floor+write``: the same, then write all the tensors' bytes to one file and fsync it (the I/O floor of an
+  output as large as the inputs: cat's);
 - ``lego`` / ``svd`` / ...: ``loralego merge --method NAME --rank K`` (``MERGE_RUNS``: also lego+,
   task_arithmetic, the core-space methods and ``ties_core``, ties with ``--space core``); ``cat``: ``loralego merge
   --method cat``;
@@ -167,6 +169,27 @@ def child_floor(folders: list[str]) -> None:
     print(json.dumps({"bytes": total, "torch": torch.__version__}))
 
 
+def child_write_floor(args: list[str]) -> None:
+    """The I/O floor of an output as large as the inputs (cat's): read every tensor once, write them all to one
+    file, fsync it (as loralego's writers do) and remove it."""
+    import torch
+    from safetensors import safe_open
+
+    target, folders = Path(args[0]), args[1:]
+    total = 0
+    with open(target, "wb") as out:
+        for folder in folders:
+            with safe_open(str(Path(folder) / "adapter_model.safetensors"), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensor = handle.get_tensor(key)
+                    out.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+                    total += tensor.numel() * tensor.element_size()
+        out.flush()
+        os.fsync(out.fileno())
+    target.unlink()
+    print(json.dumps({"bytes": total, "torch": torch.__version__}))
+
+
 def child_peft(args: list[str]) -> None:
     """PEFT's add_weighted_adapter on a skeleton holding a few of the modules; prints seconds per module."""
     parser = argparse.ArgumentParser()
@@ -250,12 +273,21 @@ def drop_caches() -> None:
         sys.exit(f"speed.py: --cache cold needs to drop the page cache (Linux, root): {error}")
 
 
+def child_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running child has used so far, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     command: list[str], *, cold: bool, env: dict[str, str] | None = None, timeout: float | None = None
 ) -> dict[str, Any]:
     """Run a command as a subprocess: wall and CPU seconds and its own peak RSS (from os.wait4, so it is this
-    child's maximum, not the maximum over all children). Past ``timeout`` seconds the child is killed and the
-    result says ``timed_out``."""
+    child's maximum, not the maximum over all children). Past ``timeout`` seconds of CPU (not wall: on a shared
+    machine a niced child's wall time is mostly waiting) the child is killed and the result says ``timed_out``."""
     if cold:
         drop_caches()
     child_env = os.environ | (env or {})
@@ -267,7 +299,7 @@ def measure(
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            if timeout is not None and time.perf_counter() - start > timeout:
+            if timeout is not None and child_cpu_seconds(process.pid) > timeout:
                 process.kill()  # this script's own child
                 _, status, usage = os.wait4(process.pid, 0)
                 timed_out = True
@@ -302,8 +334,12 @@ def run_n(n: int, folders: list[Path], opts: argparse.Namespace, cold: bool) -> 
     """All measurements of one n under one cache state; the median of ``--repeat`` runs of each."""
     rows: dict[str, Any] = {}
     out_root = opts.root / "out"
+    out_root.mkdir(parents=True, exist_ok=True)
     me = [sys.executable, str(Path(__file__).resolve())]
-    commands = {"floor": [*me, "_floor", *map(str, folders)]}
+    commands = {
+        "floor": [*me, "_floor", *map(str, folders)],
+        "floor+write": [*me, "_write_floor", str(out_root / "write_floor.bin"), *map(str, folders)],
+    }
     for name in opts.methods:
         if name in MERGE_RUNS:
             method, extra = MERGE_RUNS[name]
@@ -376,7 +412,7 @@ def table(results: dict[str, Any], opts: argparse.Namespace) -> str:
         n, cache = key.split("/")
         floor = rows.get("floor", {}).get("seconds")
         peft = rows.get("peft", {}).get("mean_per_module", {})
-        for name in ("floor", *MERGE_RUNS):
+        for name in ("floor", "floor+write", *MERGE_RUNS):
             if name not in rows:
                 continue
             row = rows[name]
@@ -415,6 +451,8 @@ def table(results: dict[str, Any], opts: argparse.Namespace) -> str:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_floor":
         return child_floor(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "_write_floor":
+        return child_write_floor(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "_peft":
         return child_peft(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -437,7 +475,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=CACHE)
     parser.add_argument("--shape", choices=sorted(SHAPE_SETS), default="llama7b", help="adapters' shape")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--timeout", type=float, help="kill a run past this many seconds (reported as timed out)")
+    parser.add_argument("--timeout", type=float, help="kill a run past this many CPU seconds (reported as timed out)")
     opts = parser.parse_args()
     use_shape(opts.shape)
     opts.env = {"OMP_NUM_THREADS": str(opts.threads)} if opts.threads else {}
