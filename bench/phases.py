@@ -1,7 +1,8 @@
 """Where a merge's time goes: one in-process ``loralego merge`` with timers around its phases.
 
-The merge runs as the CLI runs it (``merge_to_folder``), on one worker thread with one intra-op thread, so
-every phase's seconds are its own CPU time on one core and they add up to the merge. Timers wrap (by
+The merge runs as the CLI runs it (``merge_to_folder``), on one worker thread with one intra-op thread (and the
+read-ahead thread); every phase's figure is the CPU time of the thread that ran it, so on a loaded machine the
+waiting is not counted, and the phases' shares are of the merge's CPU time. Timers wrap (by
 monkeypatching, only in this process) the pipeline's and the methods' own functions:
 
 - ``imports``: ``import torch`` and loralego (what every process pays before any work);
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-_START = time.perf_counter()
+_START = time.process_time()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -44,7 +45,7 @@ from loralego.adapters.safetensors_stream import SafetensorsStreamWriter  # noqa
 from loralego.methods import elementwise, lego, spectral  # noqa: E402
 from loralego.methods import knots as knots_method  # noqa: E402
 
-_IMPORTED = time.perf_counter()
+_IMPORTED = time.process_time()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
@@ -53,16 +54,18 @@ CALLS: dict[str, int] = defaultdict(int)
 
 
 def timed(owner: Any, attribute: str, label: str) -> None:
-    """Replace ``owner.attribute`` by a wrapper adding its wall seconds to ``SECONDS[label]``."""
+    """Replace ``owner.attribute`` by a wrapper adding the CPU seconds of the calling thread (each call runs on one
+    thread: one intra-op thread) to ``SECONDS[label]``; CPU, not wall, so that a loaded machine's waiting is not
+    counted."""
     original = getattr(owner, attribute)
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start = time.thread_time()
         try:
             return original(*args, **kwargs)
         finally:
-            SECONDS[label] += time.perf_counter() - start
+            SECONDS[label] += time.thread_time() - start
             CALLS[label] += 1
 
     setattr(owner, attribute, wrapper)
@@ -111,7 +114,7 @@ def main() -> None:
     cpu = time.process_time()
     try:
         adapters = [formats.open_adapter(str(folder)) for folder in folders]
-        SECONDS["open"] = time.perf_counter() - start
+        SECONDS["open"] = time.process_time() - cpu
         loralego.merge_to_folder(adapters, out, method=opts.method, **extra)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
@@ -133,11 +136,11 @@ def main() -> None:
     }
     print(
         f"{opts.shape} n={opts.n} (rank-{opts.input_rank} inputs) {opts.method} {extra}: merge {total:.2f} s wall, "
-        f"{cpu:.2f} s cpu, one thread; imports {figures['imports']:.2f} s; load {load:.1f}"
+        f"{cpu:.2f} s cpu, one thread; imports {figures['imports']:.2f} s cpu; load {load:.1f}"
     )
     for label, seconds in sorted(SECONDS.items()):
         per = seconds / max(CALLS.get(label, 1), 1)
-        share = 100 * seconds / total
+        share = 100 * seconds / cpu
         print(f"  {label:<22} {seconds:8.3f} s  {share:5.1f}%  ({CALLS.get(label, 1)} calls, {per * 1e3:.2f} ms each)")
     if opts.json:
         with opts.json.open("a") as handle:
