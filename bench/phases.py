@@ -81,6 +81,7 @@ def instrument() -> None:
     timed(lego, "feature_gram", "merge/kmeans.gram")
     timed(cluster, "gram_coordinates", "merge/kmeans.coords")
     timed(cluster, "kmeans_plus_plus", "merge/kmeans.seed")
+    timed(cluster, "kmeans_plus_plus_restarts", "merge/kmeans.seed")
     timed(cluster.KMeans, "_lloyd_restarts", "merge/kmeans.lloyd")
     timed(lowrank, "thin_svd", "merge/svd")
     timed(lowrank, "_core_split", "merge/svd.split")

@@ -83,7 +83,8 @@ def kmeans_plus_plus_restarts(
     for _ in range(restarts):
         firsts.append(int(torch.randint(n, (1,), generator=generator)))
         if n_clusters > 1:
-            exponentials.append(torch.empty(n_clusters - 1, n, dtype=torch.float64).exponential_(1, generator=generator))
+            draw = torch.empty(n_clusters - 1, n, dtype=torch.float64)
+            exponentials.append(draw.exponential_(1, generator=generator))
     draws = torch.stack(exponentials) if exponentials else None  # restarts x (k - 1) x n
     chosen = torch.empty(restarts, n_clusters, dtype=torch.long)
     chosen[:, 0] = torch.tensor(firsts)
