@@ -8,8 +8,14 @@ evaluation can be run in pieces. Usage (see docs/results.md for the full run):
   python bench/quality/evaluate.py run --set uniform --only lego  # runs whose name starts with lego
   python bench/quality/evaluate.py list --set uniform          # the planned runs
 
-Weights: ``linear`` and ``cat`` average (w = 1/n: weight averaging and the output ensemble), all other
-methods sum (w = 1: task arithmetic, TIES and DARE as published, LoRA-LEGO as in the paper).
+  python bench/quality/evaluate.py run --set uniform --max-tier 1  # the headline runs only (see plan())
+
+Weights: ``linear``, ``cat`` and ``svd_avg`` average (w = 1/n: weight averaging, the output ensemble and its
+best rank-k approximation); every other method takes its own default (``lego+`` averages; TIES, DARE, task
+arithmetic, LoRA-LEGO and the 2025 methods sum, as published).
+
+Each run stores every test example's outcome (``outcomes``: one 0/1 string per task, in tasks.py's order), so
+report.py can give paired bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from tasks import IN_DOMAIN, OUT_OF_DOMAIN  # noqa: E402
+from tasks import IN_DOMAIN  # noqa: E402
 from variants import route  # noqa: E402  (registers the sweep's experimental methods)
 
 import loralego  # noqa: E402
@@ -40,217 +46,98 @@ SEEDS = (0, 1, 2)
 
 @dataclass(frozen=True)
 class Run:
-    """One merge to score: a name, the merge options, and whether to score the mixed setting too."""
+    """One merge to score: a name, the method family, the merge options."""
 
     name: str
     group: str  # method family shown in tables and plots
     options: dict[str, Any]
-    mixed: bool = False
     inputs: tuple[str, ...] | None = None  # default: every in-domain task adapter
     tasks: tuple[str, ...] | None = None  # default: every task
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+# Output rank of the headline tables: 16, twice the inputs' rank (the uniform set's 8, the hetero set's mean).
+K = 16
+# The rank curve: the top methods at other output ranks.
+RANK_CURVE = (4, 8, 32)
+STOCHASTIC = ("dare_ties", "lego", "lego+", "knots_dare", "core_dare_ties")
+
+# Every method at its published (or, for lego+, its shipped) settings and default weights:
+# run prefix -> (merge options without rank and seed, the scale parameter, its grid around the default).
+METHODS: dict[str, tuple[dict[str, Any], str | None, tuple[float, ...]]] = {
+    "ties": ({"method": "ties", "density": 0.2}, "density", (0.1, 0.5)),
+    "dare_ties": ({"method": "dare_ties", "density": 0.5}, None, ()),
+    "svd": ({"method": "svd"}, None, ()),
+    "lego": ({"method": "lego"}, None, ()),
+    "lego+": ({"method": "lego+"}, None, ()),
+    "tsv": ({"method": "tsv"}, "tsv_alpha", (0.5, 1.5)),
+    "iso_c": ({"method": "iso_c"}, "iso_alpha", (0.5, 1.5)),
+    "iso_cts": ({"method": "iso_cts"}, "iso_alpha", (0.5, 1.5)),
+    "knots_ties": ({"method": "knots_ties"}, "knots_ties_alpha", (0.3, 1.0)),
+    "knots_dare": ({"method": "knots_dare"}, "knots_dare_alpha", (0.2, 0.8)),
+    "core_ties": ({"method": "ties", "space": "core", "density": 0.1}, None, ()),
+    "core_dare_ties": ({"method": "dare_ties", "space": "core", "density": 0.7}, None, ()),
+}
+TOP_FOR_RANK_CURVE = ("lego+", "iso_cts", "iso_c", "tsv", "svd_avg", "ties")
+
+
+def _ranked(
+    group: str, options: dict[str, Any], k: int, seed: int | None, tier: int, label: str = "", **meta: Any
+) -> Run:
+    name = f"{group}{label}_k{k}" + (f"_s{seed}" if seed is not None else "")
+    options = {**options, "rank": k, **({"seed": seed} if seed is not None else {})}
+    return Run(name, group, options, meta={"k": k, "seed": seed or 0, "tier": tier, **meta})
+
+
 def plan(adapter_set: str) -> list[Run]:
-    """The evaluation's runs for one adapter set (the same list on every machine)."""
+    """The evaluation's runs for one adapter set (the same list on every machine), most informative first.
+
+    Tier 0: every method once at k = 16 (seed 0); 1: the other seeds of the stochastic ones; 2: k = 8;
+    3: each tuned scale's grid around its default; 4: the rank curve of the top methods; 5: the rest.
+    """
     n = len(IN_DOMAIN)
-    r = 8  # the uniform set's rank, and the mean rank of the hetero set (4, 8, 16 cycling)
-    ks = (r, 2 * r, 4 * r, 8 * r)
     average = [1.0 / n] * n
     runs: list[Run] = []
+    # Exact references: the average ensemble (cat at 1/n), weight averaging, the exact sum (task arithmetic).
     if adapter_set == "uniform":
-        runs.append(Run("linear", "linear", {"method": "linear", "weights": average}, mixed=True))
-    runs += [
-        Run("cat", "cat", {"method": "cat", "weights": average}, mixed=True),
-        Run("task_arithmetic", "task_arithmetic", {"method": "task_arithmetic"}, mixed=True),
-        Run(f"svd_k{r}", "svd", {"method": "svd", "rank": r}),
-    ]
-    for density in (0.1, 0.2, 0.5):
-        runs.append(
-            Run(
-                f"ties_d{density}_k{r}",
-                "ties",
-                {"method": "ties", "rank": r, "density": density},
-                mixed=density == 0.2,
-                meta={"density": density},
-            )
-        )
-    for seed in SEEDS:
-        runs.append(
-            Run(
-                f"dare_ties_d0.5_k{r}_s{seed}",
-                "dare_ties",
-                {"method": "dare_ties", "rank": r, "density": 0.5, "seed": seed},
-                meta={"seed": seed},
-            )
-        )
-    # lego+ averages by default (w = 1/n, scaled to fit the average ensemble); lego sums, as in the paper.
-    for method in ("lego", "lego+"):
-        for k in ks if method == "lego" and adapter_set == "uniform" else ks[:3]:
-            for seed in SEEDS:
-                runs.append(
-                    Run(
-                        f"{method}_k{k}_s{seed}",
-                        method,
-                        {"method": method, "rank": k, "seed": seed},
-                        mixed=k == r and seed == 0,  # the rank-wise merges in the mixed setting too
-                        meta={"k": k, "seed": seed},
-                    )
-                )
-    # Paper lego at the ensemble's scale (w = 1/n): isolates clustering from output scale.
-    runs.append(Run(f"lego_avg_k{r}_s0", "lego_avg", {"method": "lego", "rank": r, "seed": 0, "weights": average},
-                    meta={"k": r, "seed": 0}))
-    ablations = {
-        "lego_noparam": {"param_reweight": False},
-        "lego_nooutput": {"output_reweight": False},
-        "lego_l2": {"norm": "2"},
-        "lego_gauge": {"gauge": "balanced"},
-        "lego_directions": {"gauge": "balanced", "cluster_on": "directions"},
-        "lego_rank1": {"representative": "rank1"},
-        # The output factor's constant: sqrt(r_ref / k) with r_ref below the mean input rank (8 here).
-        "lego_rref1": {"r_ref": 1.0},
-        "lego_rref2": {"r_ref": 2.0},
-    }
-    for name, extra in ablations.items():
-        for seed in SEEDS:
-            runs.append(
-                Run(
-                    f"{name}_k{r}_s{seed}",
-                    name,
-                    {"method": "lego", "rank": r, "seed": seed, **extra},
-                    meta={"k": r, "seed": seed},
-                )
-            )
-    runs += variant_runs(adapter_set, average)
-    runs += core_space_runs()
-    if adapter_set == "hetero":
-        # Pruning: the rank-16 chat_topic LoRA reduced to k = 4 and 8, scored on its own task.
-        for method in ("lego", "svd"):
-            for k in (4, 8):
-                runs.append(
-                    Run(
-                        f"prune_{method}_k{k}",
-                        f"prune_{method}",
-                        {"method": method, "rank": k},
-                        inputs=("chat_topic",),
-                        tasks=("chat_topic",),
-                        meta={"k": k},
-                    )
-                )
-    # Most informative first, so a partial run (the evaluation is resumable) already answers the question.
-    return sorted(runs, key=_priority)
+        runs.append(Run("linear", "linear", {"method": "linear", "weights": average}, meta={"tier": 0}))
+    runs.append(Run("cat", "cat", {"method": "cat", "weights": average}, meta={"tier": 0}))
+    runs.append(Run("task_arithmetic", "task_arithmetic", {"method": "task_arithmetic"}, meta={"tier": 0}))
+    runs.append(_ranked("svd_avg", {"method": "svd", "weights": average}, K, None, 0))
+    for prefix, (options, scale, grid) in {**METHODS, **candidate_methods()}.items():
+        seeds: tuple[int | None, ...] = SEEDS if prefix in STOCHASTIC else (None,)
+        for seed in seeds:
+            runs.append(_ranked(prefix, options, K, seed, 0 if seed in (None, 0) else 1))
+            runs.append(_ranked(prefix, options, 8, seed, 2 if seed in (None, 0) else 5))
+        for value in grid:
+            runs.append(_ranked(prefix, {**options, scale: value}, K, seeds[0], 3, f"[{scale}={value}]",
+                                scale=scale, value=value))
+    for prefix in TOP_FOR_RANK_CURVE:
+        options = {"method": "svd", "weights": average} if prefix == "svd_avg" else METHODS[prefix][0]
+        seed = 0 if prefix in STOCHASTIC else None
+        for k in RANK_CURVE:
+            if k != 8:
+                runs.append(_ranked(prefix, options, k, seed, 4))
+    unique = {run.name: run for run in runs}
+    return sorted(unique.values(), key=lambda run: (run.meta["tier"], _method_order(run)))
 
 
-# Issue 8: rank-wise variants, each at k = 8 over 3 seeds. "avg" ones merge at w = 1/n and are scaled to fit
-# the exact average ensemble (cat at w = 1/n) per module; the others keep the paper's w = 1.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "v_ls": {"output_scale": "least_squares"},
-    "v_mn": {"output_scale": "match_norm"},
-    "v_dir_mn": {"gauge": "balanced", "cluster_on": "directions", "output_scale": "match_norm"},
-    "v_gauge_ls": {"gauge": "balanced", "output_scale": "least_squares"},
-    "v_dir_ls": {"gauge": "balanced", "cluster_on": "directions", "output_scale": "least_squares"},
-    "v_dir_rank1_ls": {"gauge": "balanced", "cluster_on": "directions", "representative": "rank1",
-                       "output_scale": "least_squares"},
-    "v_rank1_ls": {"gauge": "balanced", "representative": "rank1", "output_scale": "least_squares"},
-    "v_dir_rank1mean_ls": {"gauge": "balanced", "cluster_on": "directions", "representative": "rank1_mean",
-                           "output_scale": "least_squares"},
-    "v_dir_ties_ls": {"gauge": "balanced", "cluster_on": "directions", "representative": "ties",
-                      "density": 0.5, "output_scale": "least_squares"},
-    "v_gauge_ties_ls": {"gauge": "balanced", "representative": "ties", "density": 0.5,
-                        "output_scale": "least_squares"},
-    "v_ls_balance": {"output_scale": "least_squares", "balance": True},
-    "v_ls_l2": {"output_scale": "least_squares", "norm": "2"},
-    "v_ls_noparam": {"output_scale": "least_squares", "param_reweight": False},
-    # Automatic k: each module's rank from 90% of its ensemble energy (no --rank: not capped at 8).
-    "v_dir_ls_e0.9": {"gauge": "balanced", "cluster_on": "directions", "output_scale": "least_squares",
-                      "energy": 0.9},
-}
+# Within a tier, the comparisons that decide the most come first (a partial run already answers them):
+# lego+ and the research candidates against the 2025 leaders, then the classics.
+PRIORITY = ("cat", "lego+", "iso_cts", "iso_c", "tsv", "lego", "ties", "svd_avg", "linear", "svd", "knots_ties",
+            "core_ties", "dare_ties", "knots_dare", "core_dare_ties", "task_arithmetic")
 
 
-# lego+ as first shipped (before the sweep): rank-1 representatives divided by the adapters in the cluster, w = 1.
-FIRST_PLUS = {"gauge": "balanced", "cluster_on": "directions", "representative": "rank1_mean"}
+def _method_order(run: Run) -> int:
+    order = [*PRIORITY[:2], *candidate_methods(), *PRIORITY[2:]]
+    return order.index(run.group) if run.group in order else len(order)
 
 
-def variant_runs(adapter_set: str, average: list[float]) -> list[Run]:
-    r = 8
-    runs = []
-    for name, extra in VARIANTS.items():
-        for seed in SEEDS:
-            options = {"method": "lego", "seed": seed, "weights": average, **extra}
-            if "energy" in extra:
-                runs.append(Run(f"{name}_s{seed}", name, options, meta={"seed": seed}))
-                continue
-            options["rank"] = r
-            runs.append(Run(f"{name}_k{r}_s{seed}", name, options, meta={"k": r, "seed": seed}))
-    for k in (r, 2 * r, 4 * r):
-        for seed in SEEDS:
-            options = {"method": "lego", "rank": k, "seed": seed, **FIRST_PLUS}
-            runs.append(Run(f"v_rank1mean_w1_k{k}_s{seed}", "v_rank1mean_w1", options, meta={"k": k, "seed": seed}))
-    first_plus_avg = {"method": "lego", "rank": r, "seed": 0, "weights": average, **FIRST_PLUS}
-    runs.append(Run(f"v_rank1mean_avg_k{r}_s0", "v_rank1mean_avg", first_plus_avg, meta={"k": r, "seed": 0}))
-    # Reference at w = 1/n: the best rank-8 approximation of the average ensemble.
-    runs.append(Run(f"svd_avg_k{r}", "svd_avg", {"method": "svd", "rank": r, "weights": average}))
-    # Is 1/n the right scale for the ensemble itself? cat at other uniform weights.
-    for weight in (0.07, 0.2, 0.3):
-        runs.append(Run(f"cat_w{weight}", "cat_scale", {"method": "cat", "weights": [weight] * len(average)},
-                        meta={"weight": weight}))
-    return runs
+def candidate_methods() -> dict[str, tuple[dict[str, Any], str | None, tuple[float, ...]]]:
+    """Issue 15's research candidates (bench/quality/research.py), evaluated like the shipped methods."""
+    from research import CANDIDATES
 
-
-# Issue 14: the 2025 methods in the core space, each at the authors' default scale, then a small grid around it.
-CORE_SPACE: dict[str, tuple[str, dict[str, Any], str | None, tuple[float, ...]]] = {
-    # run prefix: (method, fixed options, the scale parameter, its grid; the first value is the default)
-    "tsv": ("tsv", {}, "tsv_alpha", (1.0, 0.5, 1.5)),
-    "iso_c": ("iso_c", {}, "iso_alpha", (1.0, 0.5, 1.5)),
-    "iso_cts": ("iso_cts", {}, "iso_alpha", (1.0, 0.5, 1.5)),
-    "knots_ties": ("knots_ties", {}, "knots_ties_alpha", (0.5, 0.3, 1.0)),
-    "knots_dare": ("knots_dare", {}, "knots_dare_alpha", (0.4, 0.2, 0.8)),
-    "core_ties": ("ties", {"space": "core", "density": 0.1}, None, ()),
-    "core_dare_ties": ("dare_ties", {"space": "core", "density": 0.7}, None, ()),
-}
-STOCHASTIC = ("knots_dare", "core_dare_ties")
-
-
-def core_space_runs() -> list[Run]:
-    runs = []
-    for grid_pass in (False, True):
-        for k in (16, 8):
-            for prefix, (method, fixed, scale, grid) in CORE_SPACE.items():
-                values = grid[1:] if grid_pass else grid[:1] or (None,)
-                for value in values:
-                    seeds = SEEDS if prefix in STOCHASTIC else (None,)
-                    for seed in seeds:
-                        options: dict[str, Any] = {"method": method, "rank": k, **fixed}
-                        name = prefix + (f"_a{value}" if scale else "") + f"_k{k}"
-                        if scale is not None:
-                            options[scale] = value
-                        if seed is not None:
-                            options["seed"] = seed
-                            name += f"_s{seed}"
-                        meta = {"k": k, "seed": seed or 0, "alpha": value, "grid": grid_pass, "core": True}
-                        runs.append(Run(name, prefix, options, meta=meta))
-    return runs
-
-
-def _priority(item: Run) -> int:
-    """0: one run of every method at k = r; 1: its other seeds and lego at larger k; 2: the rest; 3: ablations;
-    4: the issue-8 variants."""
-    seed, k = item.meta.get("seed", 0), item.meta.get("k", 8)
-    if item.meta.get("core"):
-        return 5 if item.meta["grid"] or seed else 4
-    if item.group.startswith("v_") or item.group in ("svd_avg", "cat_scale"):
-        return 4
-    if item.group.startswith("lego_") or item.group.endswith("_avg"):
-        return 3
-    if item.group.startswith("prune"):
-        return 1
-    if item.group in ("lego", "lego+"):
-        if k == 8:
-            return 0 if seed == 0 else 1
-        return 1 if seed == 0 else 2
-    if item.group == "ties" and item.meta.get("density") != 0.2:
-        return 2
-    return 0 if seed == 0 else 2
+    return CANDIDATES
 
 
 def adapter_paths(adapter_set: str, tasks: tuple[str, ...] | None = None) -> list[Path]:
@@ -276,9 +163,11 @@ def save_results(adapter_set: str, results: dict[str, Any], device: str = "cpu")
     os.replace(tmp, path)
 
 
-def run(adapter_set: str, only: list[str] | None, batch_size: int, device: str = "cpu") -> None:
+def run(
+    adapter_set: str, only: list[str] | None, batch_size: int, device: str = "cpu", max_tier: int | None = None
+) -> None:
     from models import load_smollm2
-    from score import AdapterBench
+    from score import AdapterBench, encode_outcomes
     from tasks import load_tasks
 
     # One thread by default: on a shared 2-core machine two OpenMP threads were several times slower.
@@ -286,6 +175,7 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int, device: str =
     results = load_results(adapter_set, device)
     todo = [r for r in plan(adapter_set) if r.name not in results["runs"]]
     todo = [r for r in todo if not only or any(r.name.startswith(prefix) for prefix in only)]
+    todo = [r for r in todo if max_tier is None or r.meta["tier"] <= max_tier]
     todo_base = "base" not in results or "singles" not in results
     if not todo and not todo_base:
         print("nothing to do")
@@ -301,13 +191,16 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int, device: str =
     results["test_sizes"] = {name: len(task.test) for name, task in tasks.items()}
     if todo_base:
         start = time.perf_counter()
-        results["base"] = bench.score_base(tasks, batch_size=batch_size)
-        results["singles"] = {}
+        hits = bench.score_base(tasks, outcomes=True, batch_size=batch_size)
+        results["base"] = accuracies(hits)
+        results["base_outcomes"] = {t: encode_outcomes(h) for t, h in hits.items()}
+        results["singles"], results["singles_outcomes"] = {}, {}
         for name in IN_DOMAIN:
-            # Each task LoRA on its own task (the normaliser) and on the out-of-domain tasks.
+            # Each task LoRA on its own task: the upper bound and the normaliser of "ID norm".
             path = adapter_paths(adapter_set, (name,))[0]
-            own = {t: tasks[t] for t in (name, *OUT_OF_DOMAIN)}
-            results["singles"][name] = bench.score_adapter(path, own, batch_size=batch_size)
+            hits = bench.score_adapter(path, {name: tasks[name]}, outcomes=True, batch_size=batch_size)
+            results["singles"][name] = accuracies(hits)
+            results["singles_outcomes"][name] = encode_outcomes(hits[name])
         results["singles_seconds"] = round(time.perf_counter() - start, 1)
         save_results(adapter_set, results, device)
         print(f"base and single-task LoRAs scored in {results['singles_seconds']}s", flush=True)
@@ -321,17 +214,15 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int, device: str =
             merged.save(Path(tmp) / "merged")
             merge_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
-            scores = bench.score_adapter(Path(tmp) / "merged", run_tasks, batch_size=batch_size)
-            mixed = None
-            if item.mixed:
-                mixed = bench.score_adapter(Path(tmp) / "merged", run_tasks, mixed=True, batch_size=batch_size)
+            hits = bench.score_adapter(Path(tmp) / "merged", run_tasks, outcomes=True, batch_size=batch_size)
             score_seconds = time.perf_counter() - t0
+        scores = accuracies(hits)
         results["runs"][item.name] = {
             "group": item.group,
             "options": item.options,
             "meta": item.meta,
             "scores": scores,
-            "mixed": mixed,
+            "outcomes": {t: encode_outcomes(h) for t, h in hits.items()},
             "merge_seconds": round(merge_seconds, 2),
             "mean_rank": round(sum(info.rank for info in merged.modules.values()) / len(merged.modules), 2),
             "score_seconds": round(score_seconds, 1),
@@ -344,11 +235,16 @@ def run(adapter_set: str, only: list[str] | None, batch_size: int, device: str =
         )
 
 
+def accuracies(hits: dict[str, list[bool]]) -> dict[str, float]:
+    return {task: round(sum(h) / len(h), 4) for task, h in hits.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "list"])
     parser.add_argument("--set", dest="adapter_set", choices=["uniform", "hetero"], default="uniform")
     parser.add_argument("--only", nargs="*", help="run names starting with any of these")
+    parser.add_argument("--max-tier", type=int, default=None, help="only runs of this tier or lower")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="scoring device (cuda: results go to <set>-cuda.json)")
     args = parser.parse_args()
@@ -356,7 +252,7 @@ def main() -> None:
         for item in plan(args.adapter_set):
             print(item.name, json.dumps(item.options))
         return
-    run(args.adapter_set, args.only, args.batch_size, args.device)
+    run(args.adapter_set, args.only, args.batch_size, args.device, args.max_tier)
 
 
 if __name__ == "__main__":

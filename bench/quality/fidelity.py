@@ -4,7 +4,8 @@
 
 For every module: the squared relative error ||M - E||^2 / ||E||^2 and the norm ratio ||M|| / ||E||, where E is
 the exact average of the task updates (cat at w = 1/n) and M the merged update; both from thin factors, no
-dense matrix (``loralego.diagnostics.verify``). Means over modules, seed 0, k = 8.
+dense matrix (``loralego.diagnostics.verify``). Means over modules, seed 0, k = 16, every method of
+evaluate.METHODS at its default.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from evaluate import RESULTS, VARIANTS, adapter_paths  # noqa: E402
+from evaluate import METHODS, RESULTS, K, adapter_paths  # noqa: E402
 from variants import route  # noqa: E402
 
 import loralego  # noqa: E402
@@ -29,14 +30,9 @@ def merges(n: int) -> dict[str, dict]:
     average = [1.0 / n] * n
     runs = {
         "linear": {"method": "linear", "weights": average},
-        "svd_avg_k8": {"method": "svd", "rank": 8, "weights": average},
-        "ties_d0.2_k8": {"method": "ties", "rank": 8, "density": 0.2},
-        "lego_k8": {"method": "lego", "rank": 8},
-        "lego_avg_k8": {"method": "lego", "rank": 8, "weights": average},
-        "lego+_k8": {"method": "lego+", "rank": 8},
+        f"svd_avg_k{K}": {"method": "svd", "rank": K, "weights": average},
     }
-    runs.update({f"{name}_k8": {"method": "lego", "rank": 8, "weights": average, **extra}
-                 for name, extra in VARIANTS.items() if "energy" not in extra})
+    runs.update({f"{prefix}_k{K}": {**options, "rank": K, "seed": 0} for prefix, (options, _, _) in METHODS.items()})
     return runs
 
 

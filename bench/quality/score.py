@@ -176,6 +176,31 @@ def _by_length(examples: Sequence[Example]) -> list[Example]:
 
 
 @torch.inference_mode()
+def task_outcomes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: dict[str, Task],
+    batch_size: int = DEFAULT_BATCH,
+    bf16: bool = True,
+) -> dict[str, list[bool]]:
+    """{task: whether each test example was answered correctly}, in the task's own test order.
+
+    The order is fixed by tasks.py, so two runs' outcome lists pair example by example (the paired
+    bootstrap in report.py relies on it).
+    """
+    scorer = Scorer(model, tokenizer, bf16)
+    outcomes = {}
+    for name, task in tasks.items():
+        order = sorted(range(len(task.test)), key=lambda i: len(task.test[i].prompt))
+        examples = [task.test[i] for i in order]
+        predictions = scorer.predict(examples, tasks, batch_size)
+        hits = [False] * len(order)
+        for i, example, prediction in zip(order, examples, predictions, strict=True):
+            hits[i] = is_correct(example, prediction)
+        outcomes[name] = hits
+    return outcomes
+
+
 def score_tasks(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -184,13 +209,13 @@ def score_tasks(
     bf16: bool = True,
 ) -> dict[str, float]:
     """{task: accuracy on its test set}."""
-    scorer = Scorer(model, tokenizer, bf16)
-    scores = {}
-    for name, task in tasks.items():
-        examples = _by_length(task.test)
-        predictions = scorer.predict(examples, tasks, batch_size)
-        scores[name] = sum(map(is_correct, examples, predictions)) / len(examples)
-    return scores
+    outcomes = task_outcomes(model, tokenizer, tasks, batch_size, bf16)
+    return {name: sum(hits) / len(hits) for name, hits in outcomes.items()}
+
+
+def encode_outcomes(hits: Sequence[bool]) -> str:
+    """A run's outcomes on one task as a compact string of 0/1 (kept in the results JSON)."""
+    return "".join("1" if hit else "0" for hit in hits)
 
 
 def mixture(tasks: dict[str, Task], seed: int = 0) -> list[Example]:
@@ -239,17 +264,18 @@ class AdapterBench:
         self.peft: PeftModel | None = None
         self._count = 0
 
-    def score_base(self, tasks: dict[str, Task], mixed: bool = False, **kwargs) -> dict[str, float]:
-        fn = score_mixed if mixed else score_tasks
+    def score_base(self, tasks: dict[str, Task], mixed: bool = False, outcomes: bool = False, **kwargs):
+        fn = score_mixed if mixed else task_outcomes if outcomes else score_tasks
         if self.peft is None:
             return fn(self.base, self.tokenizer, tasks, **kwargs)
         with self.peft.disable_adapter():
             return fn(self.peft, self.tokenizer, tasks, **kwargs)
 
     def score_adapter(
-        self, path: Path | str, tasks: dict[str, Task], mixed: bool = False, **kwargs
-    ) -> dict[str, float]:
-        fn = score_mixed if mixed else score_tasks
+        self, path: Path | str, tasks: dict[str, Task], mixed: bool = False, outcomes: bool = False, **kwargs
+    ):
+        """Accuracies per task (or, with ``outcomes``, each example's hit) with ``path`` as the live adapter."""
+        fn = score_mixed if mixed else task_outcomes if outcomes else score_tasks
         with self.adapter(path) as model:
             return fn(model, self.tokenizer, tasks, **kwargs)
 
