@@ -3,8 +3,8 @@
     python bench/scaling_plot.py OUT.png results1.json results2.json ... [--metric cpu_seconds|seconds]
 
 Later files override earlier ones for the same (n, run). Runs killed by ``--timeout`` are left out of the plot and
-shown as ``> T`` in the table. The table (markdown, printed) gives CPU and wall seconds, the CPU ratio to the same
-n's floor, the peak RSS and the load average at the end of the run.
+shown as ``> T`` in the tables. The first table (markdown, printed) gives CPU and wall seconds, the CPU ratio to
+the same n's floor, the peak RSS and the load average at the end of the run; the second, one row per n.
 """
 
 from __future__ import annotations
@@ -44,6 +44,25 @@ def table(rows: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: dict[int, dict[str, Any]]) -> str:
+    """One row per n, one column per run: CPU seconds and, in brackets, the ratio to the floor's CPU seconds."""
+    names = list(dict.fromkeys(name for runs in rows.values() for name in runs))
+    lines = ["| n | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for n, runs in rows.items():
+        floor = runs.get("floor", {}).get("cpu_seconds")
+        cells = []
+        for name in names:
+            row = runs.get(name)
+            if row is None:
+                cells.append("not run")
+                continue
+            killed = "> " if row.get("timed_out") else ""
+            ratio = f" ({killed}{row['cpu_seconds'] / floor:.1f}x)" if floor and name != "floor" else ""
+            cells.append(f"{killed}{row['cpu_seconds']:.2f}{ratio}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
@@ -53,6 +72,8 @@ def main() -> None:
     opts = parser.parse_args()
     rows = load(opts.files)
     print(table(rows))
+    print()
+    print(pivot(rows))
 
     import matplotlib
 
@@ -65,9 +86,20 @@ def main() -> None:
             if not row.get("timed_out"):
                 series.setdefault(name, []).append((n, row[opts.metric]))
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, points in sorted(series.items()):
+    tab10 = plt.get_cmap("tab10").colors
+    colors = [c for j, c in enumerate(tab10) if j != 7] + list(plt.get_cmap("Dark2").colors)  # no grey: floors
+    markers = "osD^vP*Xh<>"
+    for i, (name, points) in enumerate(sorted(series.items())):
         style = "--" if name.startswith("floor") else "-"
-        axes.plot([n for n, _ in points], [s for _, s in points], style, marker="o", label=name)
+        color = "black" if name == "floor" else "grey" if name.startswith("floor") else colors[i % len(colors)]
+        axes.plot(
+            [n for n, _ in points],
+            [s for _, s in points],
+            style,
+            marker=markers[i % len(markers)],
+            color=color,
+            label=name,
+        )
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlabel("adapters merged (n)")
