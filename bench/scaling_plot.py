@@ -2,7 +2,8 @@
 
     python bench/scaling_plot.py OUT.png results1.json results2.json ... [--metric cpu_seconds|seconds]
 
-Later files override earlier ones for the same (n, run). Runs killed by ``--timeout`` are left out of the plot and
+Later files override earlier ones for the same (n, run), except that an n keeps its first floor and a run killed
+by the timeout never replaces a completed one. Runs killed by ``--timeout`` are left out of the plot and
 shown as ``> T`` in the tables. The first table (markdown, printed) gives CPU and wall seconds, the CPU ratio to
 the same n's floor, the peak RSS and the load average at the end of the run; the second, one row per n.
 """
@@ -21,8 +22,14 @@ def load(files: list[Path]) -> dict[int, dict[str, Any]]:
         for key, runs in json.loads(file.read_text()).items():
             n = int(key.split("/")[0])
             for name, row in runs.items():
-                if isinstance(row, dict) and isinstance(row.get("seconds"), float):
-                    rows.setdefault(n, {})[name] = row
+                if not (isinstance(row, dict) and isinstance(row.get("seconds"), float)):
+                    continue
+                known = rows.setdefault(n, {}).get(name)
+                # The first floor of an n stays (the ratios are to the first sweep's); a run killed by --timeout
+                # never replaces a completed one.
+                if known is not None and (name == "floor" or (row.get("timed_out") and not known.get("timed_out"))):
+                    continue
+                rows[n][name] = row
     return dict(sorted(rows.items()))
 
 
