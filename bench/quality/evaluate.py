@@ -105,7 +105,8 @@ def plan(adapter_set: str) -> list[Run]:
     runs.append(Run("task_arithmetic", "task_arithmetic", {"method": "task_arithmetic"}, meta={"tier": 0}))
     runs.append(_ranked("svd_avg", {"method": "svd", "weights": average}, K, None, 0))
     for prefix, (options, scale, grid) in {**METHODS, **candidate_methods()}.items():
-        seeds: tuple[int | None, ...] = SEEDS if prefix in STOCHASTIC else (None,)
+        stochastic = prefix in STOCHASTIC or prefix in candidate_stochastic()
+        seeds: tuple[int | None, ...] = SEEDS if stochastic else (None,)
         for seed in seeds:
             runs.append(_ranked(prefix, options, K, seed, 0 if seed in (None, 0) else 1))
             runs.append(_ranked(prefix, options, 8, seed, 2 if seed in (None, 0) else 5))
@@ -138,6 +139,13 @@ def candidate_methods() -> dict[str, tuple[dict[str, Any], str | None, tuple[flo
     from research import CANDIDATES
 
     return CANDIDATES
+
+
+def candidate_stochastic() -> tuple[str, ...]:
+    """The research candidates whose result depends on the seed (k-means): run over every seed."""
+    from research import STOCHASTIC_CANDIDATES
+
+    return STOCHASTIC_CANDIDATES
 
 
 def adapter_paths(adapter_set: str, tasks: tuple[str, ...] | None = None) -> list[Path]:
