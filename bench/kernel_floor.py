@@ -6,10 +6,11 @@ For n adapters of rank r (pool N = n r units per module) and each module shape, 
   k-means start from (every distance after them is N-dimensional);
 - ``svd``: the float64 Gram route of the thin SVD (two Gram matrices, two ``eigh``, the N x N core's SVD, the
   k kept columns lifted);
-- ``cat``: concatenating the N units and casting to bf16 (what cat computes).
+- ``cat``: concatenating the n inputs' factors along the rank axis and casting to bf16 (what cat computes).
 
-Each is summed over the modules (all layers) and divided by the number of worker threads, which is what the
-merge could at best do with them; the merge's own figures come from bench/speed.py.
+Times are the CPU seconds of the one thread that runs them (best of ``--repeats``). Each is summed over the
+modules (all layers) and divided by the number of worker threads, which is what the merge could at best do with
+them; the merge's own figures come from bench/speed.py.
 
     python bench/kernel_floor.py --n 100 --rank 8 --workers 2
     python bench/kernel_floor.py --shape small --n 300
@@ -32,11 +33,13 @@ from loralego.lowrank import thin_svd
 
 
 def best_of(function, repeats: int) -> float:
+    """The least CPU time of the calling thread over ``repeats`` calls (one intra-op thread: all the work is on
+    this thread; CPU, not wall, so that waiting for a core on a loaded machine is not counted)."""
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         function()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     return best
 
 
@@ -68,7 +71,10 @@ def main() -> None:
             kernels = {
                 "gram32": lambda a=lora_a, b=lora_b: (a @ a.T, b.T @ b),
                 "svd": lambda a=lora_a, b=lora_b: thin_svd(a, b, opts.k),
-                "cat": lambda a=lora_a, b=lora_b: torch.cat([a, b.T], 1).bfloat16(),
+                "cat": lambda a=lora_a, b=lora_b: (
+                    torch.cat(a.split(opts.rank, 0), 0).bfloat16(),
+                    torch.cat(b.split(opts.rank, 1), 1).bfloat16(),
+                ),
             }
             for name in opts.kernels:
                 seconds = best_of(kernels[name], opts.repeats)

@@ -6,7 +6,11 @@ For each n, every measurement is a whole subprocess (interpreter start and impor
 wall clock, with its peak RSS taken from ``os.wait4``:
 
 - ``floor``: safe_open each input and read every tensor once (the I/O floor);
-- ``lego`` / ``svd``: ``loralego merge --method lego|svd --rank K``; ``cat``: ``loralego merge --method cat``;
+- ``floor+write``: the same, then write all the tensors' bytes to one file and fsync it (the I/O floor of an
+  output as large as the inputs: cat's);
+- ``lego`` / ``svd`` / ...: ``loralego merge --method NAME --rank K`` (``MERGE_RUNS``: also lego+,
+  task_arithmetic, the core-space methods and ``ties_core``, ties with ``--space core``); ``cat``: ``loralego merge
+  --method cat``;
 - ``peft``: PEFT's ``add_weighted_adapter`` (svd, cat, linear) on a skeleton holding only a few of the
   modules (a 7B skeleton does not fit in memory); it reports seconds per module of each shape, which are
   extrapolated to the 224 modules (labelled as such) and compared with lora-lego per module.
@@ -26,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -62,9 +67,24 @@ def use_shape(name: str) -> None:
     global LAYERS, SHAPES, MODULES
     LAYERS, SHAPES = SHAPE_SETS[name]
     MODULES = LAYERS * len(SHAPES)
+
+
 BASE_MODEL = "meta-llama/Llama-2-7b-hf"
 PREFIX = "base_model.model.model.layers"
 PEFT_COMBINATIONS = ("svd", "cat", "linear")
+# Run name -> (loralego method, extra flags); every one but cat gets --rank K.
+MERGE_RUNS: dict[str, tuple[str, list[str]]] = {
+    "lego": ("lego", []),
+    "lego+": ("lego+", []),
+    "svd": ("svd", []),
+    "cat": ("cat", []),
+    "task_arithmetic": ("task_arithmetic", []),
+    "tsv": ("tsv", []),
+    "iso_c": ("iso_c", []),
+    "iso_cts": ("iso_cts", []),
+    "knots_ties": ("knots_ties", []),
+    "ties_core": ("ties", ["--space", "core"]),
+}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -146,6 +166,27 @@ def child_floor(folders: list[str]) -> None:
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 tensor = handle.get_tensor(key)
                 total += tensor.numel() * tensor.element_size()
+    print(json.dumps({"bytes": total, "torch": torch.__version__}))
+
+
+def child_write_floor(args: list[str]) -> None:
+    """The I/O floor of an output as large as the inputs (cat's): read every tensor once, write them all to one
+    file, fsync it (as loralego's writers do) and remove it."""
+    import torch
+    from safetensors import safe_open
+
+    target, folders = Path(args[0]), args[1:]
+    total = 0
+    with open(target, "wb") as out:
+        for folder in folders:
+            with safe_open(str(Path(folder) / "adapter_model.safetensors"), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    tensor = handle.get_tensor(key)
+                    out.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+                    total += tensor.numel() * tensor.element_size()
+        out.flush()
+        os.fsync(out.fileno())
+    target.unlink()
     print(json.dumps({"bytes": total, "torch": torch.__version__}))
 
 
@@ -232,20 +273,44 @@ def drop_caches() -> None:
         sys.exit(f"speed.py: --cache cold needs to drop the page cache (Linux, root): {error}")
 
 
-def measure(command: list[str], *, cold: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
+def child_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running child has used so far, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    command: list[str], *, cold: bool, env: dict[str, str] | None = None, timeout: float | None = None
+) -> dict[str, Any]:
     """Run a command as a subprocess: wall and CPU seconds and its own peak RSS (from os.wait4, so it is this
-    child's maximum, not the maximum over all children)."""
+    child's maximum, not the maximum over all children). Past ``timeout`` seconds of CPU (not wall: on a shared
+    machine a niced child's wall time is mostly waiting) the child is killed and the result says ``timed_out``."""
     if cold:
         drop_caches()
-    start = time.perf_counter()
     child_env = os.environ | (env or {})
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=child_env)
-    # Read the pipes before waiting (a full pipe would block the child), then reap with wait4 for rusage.
-    stdout, stderr = process.stdout.read(), process.stderr.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT, env=child_env)
+        timed_out = False
+        while True:  # poll with wait4 (not Popen.wait), so that the child's own rusage comes back
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if timeout is not None and child_cpu_seconds(process.pid) > timeout:
+                process.kill()  # this script's own child
+                _, status, usage = os.wait4(process.pid, 0)
+                timed_out = True
+                break
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+    if process.returncode != 0 and not timed_out:
         sys.exit(f"speed.py: {' '.join(command)} failed ({process.returncode}):\n{stderr.decode()[-2000:]}")
     return {
         "seconds": seconds,
@@ -253,6 +318,7 @@ def measure(command: list[str], *, cold: bool, env: dict[str, str] | None = None
         "rss_mb": usage.ru_maxrss / 1024,
         "stdout": stdout.decode(),
         "load": os.getloadavg()[0],
+        "timed_out": timed_out,
     }
 
 
@@ -268,23 +334,27 @@ def run_n(n: int, folders: list[Path], opts: argparse.Namespace, cold: bool) -> 
     """All measurements of one n under one cache state; the median of ``--repeat`` runs of each."""
     rows: dict[str, Any] = {}
     out_root = opts.root / "out"
+    out_root.mkdir(parents=True, exist_ok=True)
     me = [sys.executable, str(Path(__file__).resolve())]
     commands = {
         "floor": [*me, "_floor", *map(str, folders)],
-        "lego": loralego_command(folders, out_root / "lego", "lego", opts.k, opts.device),
-        "lego+": loralego_command(folders, out_root / "lego+", "lego+", opts.k, opts.device),
-        "svd": loralego_command(folders, out_root / "svd", "svd", opts.k, opts.device),
-        "cat": loralego_command(folders, out_root / "cat", "cat", None, opts.device),
+        "floor+write": [*me, "_write_floor", str(out_root / "write_floor.bin"), *map(str, folders)],
     }
+    for name in opts.methods:
+        if name in MERGE_RUNS:
+            method, extra = MERGE_RUNS[name]
+            rank = None if method == "cat" else opts.k
+            commands[name] = loralego_command(folders, out_root / name, method, rank, opts.device) + extra
     commands = {name: command for name, command in commands.items() if name in opts.methods}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in commands}
     for _ in range(opts.repeat):  # interleaved, so a burst of load on the shared machine hits every row alike
         for name, command in commands.items():
-            run = measure(command, cold=cold, env=opts.env)
+            run = measure(command, cold=cold, env=opts.env, timeout=opts.timeout)
             runs[name].append(run)
             print(
                 f"  n={n:<3} {'cold' if cold else 'warm'} {name:<6} {run['seconds']:8.2f} s wall "
-                f"{run['cpu_seconds']:8.2f} s cpu {run['rss_mb']:8.0f} MB peak RSS  (load {run['load']:.1f})",
+                f"{run['cpu_seconds']:8.2f} s cpu {run['rss_mb']:8.0f} MB peak RSS  (load {run['load']:.1f})"
+                + ("  TIMED OUT, killed" if run["timed_out"] else ""),
                 flush=True,
             )
             if name != "svd":  # svd's output is kept for the comparison with PEFT's
@@ -296,6 +366,7 @@ def run_n(n: int, folders: list[Path], opts: argparse.Namespace, cold: bool) -> 
             "rss_mb": max(r["rss_mb"] for r in measured),
             "runs": [round(r["seconds"], 2) for r in measured],
             "load": [round(r["load"], 1) for r in measured],
+            "timed_out": any(r["timed_out"] for r in measured),
         }
     if "peft" in opts.methods and not cold:
         combinations = [c for c in PEFT_COMBINATIONS if c != "svd" or n in opts.peft_svd_n]
@@ -341,7 +412,7 @@ def table(results: dict[str, Any], opts: argparse.Namespace) -> str:
         n, cache = key.split("/")
         floor = rows.get("floor", {}).get("seconds")
         peft = rows.get("peft", {}).get("mean_per_module", {})
-        for name in ("floor", "lego", "lego+", "svd", "cat"):
+        for name in ("floor", "floor+write", *MERGE_RUNS):
             if name not in rows:
                 continue
             row = rows[name]
@@ -350,7 +421,7 @@ def table(results: dict[str, Any], opts: argparse.Namespace) -> str:
                 n,
                 cache,
                 name,
-                f"{row['seconds']:.2f}",
+                (">" if row.get("timed_out") else "") + f"{row['seconds']:.2f}",
                 f"{row['cpu_seconds']:.2f}",
                 f"{row['rss_mb']:.0f}",
                 f"{row['seconds'] / floor:.2f}" if floor else "",
@@ -380,6 +451,8 @@ def table(results: dict[str, Any], opts: argparse.Namespace) -> str:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_floor":
         return child_floor(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "_write_floor":
+        return child_write_floor(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "_peft":
         return child_peft(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -402,6 +475,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=CACHE)
     parser.add_argument("--shape", choices=sorted(SHAPE_SETS), default="llama7b", help="adapters' shape")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--timeout", type=float, help="kill a run past this many CPU seconds (reported as timed out)")
     opts = parser.parse_args()
     use_shape(opts.shape)
     opts.env = {"OMP_NUM_THREADS": str(opts.threads)} if opts.threads else {}

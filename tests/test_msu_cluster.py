@@ -94,3 +94,19 @@ def test_kmeans_restarts_do_not_increase_inertia():
     one = KMeans(8, n_init=1, seed=0).fit(points).inertia_
     many = KMeans(8, n_init=6, seed=0).fit(points).inertia_
     assert many <= one + 1e-6
+
+
+def test_batched_seeding_draws_what_one_by_one_seeding_draws():
+    """kmeans_plus_plus_restarts relies on torch.multinomial's draws not depending on the weights: same seeds and
+    the same generator state afterwards as successive kmeans_plus_plus calls (duplicates and k = 1 included)."""
+    from loralego.cluster import gram_distances, kmeans_plus_plus, kmeans_plus_plus_restarts
+
+    for trial, (n, k, restarts) in enumerate([(64, 16, 4), (10, 1, 3), (7, 7, 2), (200, 9, 1), (12, 5, 4)]):
+        points = torch.randn(n, 5, generator=torch.Generator().manual_seed(trial))
+        if trial == 4:
+            points[3:] = points[0]  # 3 distinct points for 5 clusters: the uniform fallback is taken
+        pairwise = gram_distances(points.double() @ points.double().T)
+        one, batch = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        expected = torch.stack([kmeans_plus_plus(points, k, one, pairwise) for _ in range(restarts)])
+        assert torch.equal(kmeans_plus_plus_restarts(pairwise, k, restarts, batch), expected)
+        assert torch.equal(one.get_state(), batch.get_state())

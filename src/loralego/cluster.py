@@ -63,6 +63,48 @@ def kmeans_plus_plus(
     return torch.tensor(chosen)
 
 
+def kmeans_plus_plus_restarts(
+    pairwise: torch.Tensor, n_clusters: int, restarts: int, generator: torch.Generator
+) -> torch.Tensor:
+    """The seeds of ``restarts`` successive :func:`kmeans_plus_plus` calls from the ``n x n`` squared distances,
+    computed for all restarts at once: ``restarts x n_clusters`` point indices, the same ones.
+
+    The same random numbers, drawn up front: ``torch.multinomial(w, 1)`` on the CPU draws one Exp(1) sample per
+    point and returns ``argmax(w / q)`` (the exponential form of the Gumbel-max trick), so the numbers it takes
+    from the generator do not depend on ``w``, and one ``exponential_`` call of ``(k - 1) x n`` takes the same
+    numbers as ``k - 1`` calls of ``n``. Each restart therefore draws its ``randint`` and then its ``(k - 1) x n``
+    exponentials, as the one-by-one seeding did, and the ``k - 1`` steps run as ``restarts``-row tensor ops.
+    ``tests/test_cluster.py`` checks the indices and the generator's final state against
+    :func:`kmeans_plus_plus`, so a torch that draws differently fails there, not silently.
+    """
+    pairwise = pairwise.double().cpu()
+    n = pairwise.shape[0]
+    firsts, exponentials = [], []
+    for _ in range(restarts):
+        firsts.append(int(torch.randint(n, (1,), generator=generator)))
+        if n_clusters > 1:
+            draw = torch.empty(n_clusters - 1, n, dtype=torch.float64)
+            exponentials.append(draw.exponential_(1, generator=generator))
+    draws = torch.stack(exponentials) if exponentials else None  # restarts x (k - 1) x n
+    chosen = torch.empty(restarts, n_clusters, dtype=torch.long)
+    chosen[:, 0] = torch.tensor(firsts)
+    closest = pairwise[chosen[:, 0]]  # restarts x n
+    rows = torch.arange(restarts)
+    for step in range(1, n_clusters):
+        weights = closest
+        spent = weights.sum(1) <= 0.0  # every point on a center (duplicates): uniform among the unchosen
+        if bool(spent.any()):
+            weights = weights.clone()
+            for r in torch.nonzero(spent).flatten().tolist():
+                weights[r] = 1.0
+                weights[r, chosen[r, :step]] = 0.0
+        assert draws is not None
+        index = (weights / draws[:, step - 1]).argmax(1)
+        chosen[rows, step] = index
+        closest = torch.minimum(closest, pairwise[index])
+    return chosen
+
+
 def cluster_means(points: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each cluster's members and the member counts (a count of 0 leaves a zero row).
 
@@ -136,8 +178,12 @@ class KMeans:
         """Seed and run Lloyd on ``coords``; sets the fitted attributes and returns the best centers (of coords)."""
         generator = torch.Generator().manual_seed(self.seed)
         # Lloyd draws no random numbers: seeding every restart first draws the same numbers as alternating.
-        seeds = [kmeans_plus_plus(coords, self.n_clusters, generator, pairwise) for _ in range(self.n_init)]
-        starts = torch.stack([coords[s.to(coords.device)] for s in seeds])
+        if pairwise is not None:
+            seeds = kmeans_plus_plus_restarts(pairwise, self.n_clusters, self.n_init, generator).to(coords.device)
+            starts = coords[seeds]
+        else:
+            seeds = [kmeans_plus_plus(coords, self.n_clusters, generator) for _ in range(self.n_init)]
+            starts = torch.stack([coords[s.to(coords.device)] for s in seeds])
         best: tuple[float, torch.Tensor, torch.Tensor, int] | None = None
         for labels, centers, inertia, n_iter in self._lloyd_restarts(coords, starts):
             # Strict '<' keeps the earliest restart on ties: the result depends on the seed only.

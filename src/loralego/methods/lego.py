@@ -146,6 +146,15 @@ def balance_gauge(units: torch.Tensor, d_in: int) -> torch.Tensor:
     return torch.cat([lora_a * scale_a[:, None], lora_b * scale_b[:, None]], dim=1)
 
 
+def balance_gauge_(units: torch.Tensor, d_in: int) -> torch.Tensor:
+    """:func:`balance_gauge` in place (the same products, so the same values): for a pool the caller owns, one
+    pool-sized copy fewer."""
+    scale_a, scale_b = gauge_scales(units[:, :d_in], units[:, d_in:])
+    units[:, :d_in] *= scale_a[:, None]
+    units[:, d_in:] *= scale_b[:, None]
+    return units
+
+
 def feature_gram(lora_a: torch.Tensor, lora_b: torch.Tensor, variant: RankwiseVariant) -> torch.Tensor:
     """The ``N x N`` Gram matrix of the clustered features of the units ``[a_i ; b_i]`` of ``(A, B)``, from the two
     factor Gram matrices ``A A^T`` and ``B^T B`` (never concatenating the units).
@@ -247,7 +256,7 @@ def rankwise_merge(
     k = min(job.rank, units.shape[0])
     labels = pooled_labels(lora_a, lora_b, units, k, job, variant)
     if variant.gauge == "balanced":
-        units = balance_gauge(units, d_in)
+        units = balance_gauge_(units, d_in)  # units is this merge's own concatenation
     owner = torch.repeat_interleave(torch.tensor(job.adapter_indices), torch.tensor(job.source_ranks))
     details: dict[str, object] = {"labels": labels.cpu(), "unit_adapter": owner}
     if represent is not None:
