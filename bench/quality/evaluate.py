@@ -60,7 +60,7 @@ class Run:
 K = 16
 # The rank curve: the top methods at other output ranks.
 RANK_CURVE = (4, 8, 32)
-STOCHASTIC = ("dare_ties", "lego", "lego+", "knots_dare", "core_dare_ties")
+STOCHASTIC = ("dare_ties", "lego", "lego+", "lego+v1", "knots_dare", "core_dare_ties")
 
 # Every method at its published (or, for lego+, its shipped) settings and default weights:
 # run prefix -> (merge options without rank and seed, the scale parameter, its grid around the default).
@@ -70,6 +70,8 @@ METHODS: dict[str, tuple[dict[str, Any], str | None, tuple[float, ...]]] = {
     "svd": ({"method": "svd"}, None, ()),
     "lego": ({"method": "lego"}, None, ()),
     "lego+": ({"method": "lego+"}, None, ()),
+    # lego+ as shipped before issue 15 (the experimental lego+_x at its defaults: the same bytes).
+    "lego+v1": ({"method": "lego+_x"}, None, ()),
     "tsv": ({"method": "tsv"}, "tsv_alpha", (0.5, 1.5)),
     "iso_c": ({"method": "iso_c"}, "iso_alpha", (0.5, 1.5)),
     "iso_cts": ({"method": "iso_cts"}, "iso_alpha", (0.5, 1.5)),
@@ -125,7 +127,7 @@ def plan(adapter_set: str) -> list[Run]:
 
 # Within a tier, the comparisons that decide the most come first (a partial run already answers them):
 # lego+ and the research candidates against the 2025 leaders, then the classics.
-PRIORITY = ("cat", "lego+", "iso_cts", "iso_c", "tsv", "lego", "ties", "svd_avg", "linear", "svd", "knots_ties",
+PRIORITY = ("cat", "lego+", "lego+v1", "iso_cts", "iso_c", "tsv", "lego", "ties", "svd_avg", "linear", "svd", "knots_ties",
             "core_ties", "dare_ties", "knots_dare", "core_dare_ties", "task_arithmetic")
 
 
