@@ -238,7 +238,8 @@ def test_existing_output_refused_without_force_and_left_intact(mixed_adapters, t
 
 def test_cli_merge_and_inspect(mixed_adapters, tmp_path, capsys):
     out = tmp_path / "cli-out"
-    args = ["merge", *map(str, mixed_adapters), "--out", str(out), "--method", "lego", "--rank", "8", "--seed", "2", "--norm", "2"]
+    flags = ["--method", "lego", "--rank", "8", "--seed", "2", "--norm", "2"]  # --norm is lego's parameter
+    args = ["merge", *map(str, mixed_adapters), "--out", str(out), *flags]
     assert main(args) == 0
     assert "merged 3 adapters with lego (rank 8)" in capsys.readouterr().out
     card = (out / "README.md").read_text()

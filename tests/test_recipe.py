@@ -27,7 +27,8 @@ def _card_without_command(text: str) -> str:
 
 def test_recipe_run_equals_the_same_cli_run_byte_for_byte(mixed_adapters, tmp_path, capsys):
     cli_out, recipe_out = tmp_path / "cli", tmp_path / "recipe-out"
-    flags = ["--method", "lego", "--rank", "6", "--seed", "3", "--norm", "2", "--rank-override", "v_proj=3", "--weights", "0.5", "1", "2"]
+    flags = ["--method", "lego", "--rank", "6", "--seed", "3", "--norm", "2", "--rank-override", "v_proj=3"]
+    flags += ["--weights", "0.5", "1", "2"]
     assert main(["merge", *map(str, mixed_adapters), "--out", str(cli_out), *flags]) == 0
     recipe = tmp_path / "recipes" / "merge.yaml"
     recipe.parent.mkdir()

@@ -127,8 +127,8 @@ def plan(adapter_set: str) -> list[Run]:
 
 # Within a tier, the comparisons that decide the most come first (a partial run already answers them):
 # lego+ and the research candidates against the 2025 leaders, then the classics.
-PRIORITY = ("cat", "lego+", "lego+v1", "iso_cts", "iso_c", "tsv", "lego", "ties", "svd_avg", "linear", "svd", "knots_ties",
-            "core_ties", "dare_ties", "knots_dare", "core_dare_ties", "task_arithmetic")
+PRIORITY = ("cat", "lego+", "lego+v1", "iso_cts", "iso_c", "tsv", "lego", "ties", "svd_avg", "linear", "svd",
+            "knots_ties", "core_ties", "dare_ties", "knots_dare", "core_dare_ties", "task_arithmetic")
 
 
 def _method_order(run: Run) -> int:
