@@ -139,7 +139,7 @@ def test_kohya_output_keeps_input_metadata_and_records_the_merge(kohya_pair, tmp
     meta = _metadata(out)
     assert meta["ss_output_name"] == "style_a" and meta["modelspec.title"] == "style a"  # the first input's
     assert meta["modelspec.merged_from"] == "style_a, style_b"
-    assert meta["loralego.method"] == "lego" and json.loads(meta["loralego.options"])["seed"] == 3
+    assert meta["loralego.method"] == "lego+" and json.loads(meta["loralego.options"])["seed"] == 3  # the default
     assert [i["name"] for i in json.loads(meta["loralego.inputs"])] == ["style_a", "style_b"]
     assert "sshs_model_hash" not in meta  # a hash of the input's weights would be wrong here
     assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "4"
@@ -243,7 +243,7 @@ def test_cli_merges_and_inspects_kohya_files(kohya_pair, tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     args = ["merge", *map(str, kohya_pair), "--out", str(out), "--rank", "5", "--weights", "1", "0.5"]
     assert main(args) == 0
-    assert "merged 2 adapters with lego (rank 5)" in capsys.readouterr().out
+    assert "merged 2 adapters with lego+ (rank 5)" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "kohya" in printed and "stable-diffusion-v1/lora" in printed
