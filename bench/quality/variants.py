@@ -22,7 +22,7 @@ from pydantic import Field
 
 from loralego.lowrank import frobenius_norm_sq, truncate
 from loralego.methods import ModuleJob, ModuleResult, register
-from loralego.methods.lego import PAPER, PLUS, LegoParams, RankwiseVariant, kmeans_rank, rankwise_merge
+from loralego.methods.lego import PAPER, PLUS, LegoParams, RankwiseVariant, balance_inputs, kmeans_rank, rankwise_merge
 from loralego.msu import Factors
 from loralego.taskmath import ties
 
@@ -55,19 +55,8 @@ def match_norm_scale(merged: Factors, ensemble: Factors) -> float:
     return 1.0 if merged_sq <= _EPS else math.sqrt(frobenius_norm_sq(ensemble) / merged_sq)
 
 
-def balance_adapters(factors: list[Factors]) -> list[Factors]:
-    """Rescale each adapter's update to the mean Frobenius norm of all of them (split evenly over A and B),
-    so an adapter with a large alpha / r does not own every cluster; zero updates stay as they are."""
-    norms = [math.sqrt(frobenius_norm_sq(f)) for f in factors]
-    live = [n for n in norms if n > _EPS]
-    if not live:
-        return factors
-    target = sum(live) / len(live)
-    out = []
-    for (lora_a, lora_b), norm in zip(factors, norms, strict=True):
-        root = math.sqrt(target / norm) if norm > _EPS else 1.0
-        out.append((lora_a * root, lora_b * root))
-    return out
+# The sweep's `balance` knob is the product's input balancing (lego+'s `lego_balance`): one implementation.
+balance_adapters = balance_inputs
 
 
 def ties_representatives(
