@@ -10,7 +10,7 @@ TIES, then the exact truncated SVD) in process, beside the core-space TIES of th
 
 Usage (repository root, venv active):
     python bench/core_speed.py --repeat 1
-    python bench/core_speed.py --repeat 1 --dense-module
+    python bench/core_speed.py --repeat 1 --dense-module [--peft-ties-svd]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ ROWS: dict[str, list[str]] = {
 }
 
 
-def dense_module(folders: list[Path], module: str, rank: int) -> None:
+def dense_module(folders: list[Path], module: str, rank: int, peft_ties_svd: bool) -> None:
     """One module, in process: dense TIES (today's default) against core-space TIES; seconds and agreement."""
     import torch
 
@@ -62,7 +62,27 @@ def dense_module(folders: list[Path], module: str, rank: int) -> None:
     core_seconds = time.perf_counter() - t0
     print(f"module {name} ({tuple(dense.shape)}): dense ties {dense_seconds:.2f} s, core ties {core_seconds:.3f} s "
           f"(ratio {dense_seconds / core_seconds:.0f}x); kept energy core {cut.kept_energy:.3f}; "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}", flush=True)
+    if peft_ties_svd:
+        peft_seconds = _peft_ties_svd_seconds(factors, rank)
+        print(f"module {name}: PEFT ties_svd (merge_utils.ties at weights 1, density 0.2, then torch.linalg.svd, "
+              f"full_matrices=True, as add_weighted_adapter runs it per module) {peft_seconds:.2f} s; "
+              f"dense ties / PEFT {dense_seconds / peft_seconds:.2f}, core ties / PEFT "
+              f"{core_seconds / peft_seconds:.4f}", flush=True)
+
+
+def _peft_ties_svd_seconds(factors: list, rank: int) -> float:
+    """What PEFT's ``add_weighted_adapter(combination_type="ties_svd")`` computes for one module, called through
+    PEFT's own functions: the dense deltas, ``merge_utils.ties``, then a full ``torch.linalg.svd`` cut to rank."""
+    import torch
+    from peft.utils.merge_utils import ties as peft_ties
+
+    t0 = time.perf_counter()
+    deltas = [b @ a for a, b in factors]
+    merged = peft_ties(deltas, torch.ones(len(deltas)), 0.2, "total")
+    u, s, vh = torch.linalg.svd(merged, full_matrices=True)
+    _ = (u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :])
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -72,6 +92,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(ROWS))
     parser.add_argument("--dense-module", action="store_true")
+    parser.add_argument("--peft-ties-svd", action="store_true", help="with --dense-module: PEFT's ties_svd too")
     parser.add_argument("--root", type=Path, default=CACHE)
     opts = parser.parse_args()
     folders = ensure_adapters(8, opts.n, opts.root)
@@ -96,7 +117,7 @@ def main() -> None:
     for name, pairs in seconds.items():
         print(f"  {name:30s} {statistics.median(s / f for s, f in pairs):5.2f}")
     if opts.dense_module:
-        dense_module(folders, "layers.0.self_attn.q_proj", opts.k)
+        dense_module(folders, "layers.0.self_attn.q_proj", opts.k, opts.peft_ties_svd)
     print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
 
 
