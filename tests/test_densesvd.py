@@ -195,3 +195,25 @@ def test_small_tensors_keep_topk_selection():
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[torch.topk(flat.abs(), k=int(0.3 * flat.numel())).indices] = True
     assert torch.equal(taskmath.trim_by_magnitude(tensor, 0.3), torch.where(keep, flat, 0.0).reshape(50, 60))
+
+
+def test_zero_lines_of_the_matrix_are_exact_zeros_in_the_factors():
+    """A sparse merge leaves all-zero rows and columns; the truncation must give +0.0 there, not rounding noise."""
+    generator = torch.Generator().manual_seed(5)
+    matrix = torch.randn(40, 6, generator=generator) @ torch.randn(6, 70, generator=generator)
+    matrix[[3, 17], :] = 0.0
+    matrix[:, [0, 9, 44]] = 0.0
+    lora_a, lora_b = truncate_dense(matrix, 4)
+    assert torch.equal(lora_a[:, [0, 9, 44]].view(torch.int32), torch.zeros(4, 3, dtype=torch.int32))  # +0.0 bytes
+    assert torch.equal(lora_b[[3, 17], :].view(torch.int32), torch.zeros(2, 4, dtype=torch.int32))
+    exact_a, exact_b = densesvd.top_singular_factors(matrix, 4)
+    assert (lora_b @ lora_a - (exact_b @ exact_a).float()).norm() <= 1e-5 * matrix.norm()
+
+
+def test_ranks_beyond_the_matrix_rank_are_zero():
+    """k above the matrix's rank: the extra eigenvectors are arbitrary null-space vectors; their ranks are 0."""
+    generator = torch.Generator().manual_seed(6)
+    matrix = torch.randn(30, 2, generator=generator) @ torch.randn(2, 50, generator=generator)
+    lora_a, lora_b = truncate_dense(matrix, 5)
+    assert torch.count_nonzero(lora_a[2:]) == 0 and torch.count_nonzero(lora_b[:, 2:]) == 0
+    assert (lora_b @ lora_a - matrix).norm() <= 1e-5 * matrix.norm()

@@ -333,7 +333,43 @@ def truncate_dense_certified(matrix: torch.Tensor, rank: int) -> tuple[Factors, 
     lora_a, lora_b = found.factors
     # QR route: these factors can carry directions of zero singular value, whose rounding the Gram route's
     # division by sqrt(lambda) would make depend on the BLAS thread count; the cost here is the dense Gram.
-    return truncate(lora_a, lora_b, lora_a.shape[0], gram_route=False), found
+    lora_a, lora_b = drop_unresolved(*truncate(lora_a, lora_b, lora_a.shape[0], gram_route=False))
+    return keep_zero_lines(matrix, lora_a, lora_b), found
+
+
+def keep_zero_lines(matrix: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> Factors:
+    """The factors with exact (+0.0) zeros where ``matrix`` has an all-zero column (in A) or row (in B).
+
+    Exact: the best rank-k approximation's rows lie in the row space of ``matrix`` and its columns in the
+    column space, so those entries are 0; computed, they are rounding noise (about 1e-17) whose value depends on
+    the CPU's BLAS kernels. Sparse merges (TIES, DARE, pruning) leave such lines often.
+    """
+    zero_columns = ~matrix.any(dim=0)
+    zero_rows = ~matrix.any(dim=1)
+    if bool(zero_columns.any()):
+        lora_a = lora_a.masked_fill(zero_columns[None, :], 0.0)
+    if bool(zero_rows.any()):
+        lora_b = lora_b.masked_fill(zero_rows[:, None], 0.0)
+    return lora_a, lora_b
+
+
+def drop_unresolved(lora_a: torch.Tensor, lora_b: torch.Tensor) -> Factors:
+    """Balanced factors with the ranks whose singular value is below float32 resolution of the largest set to 0.
+
+    Why: where the matrix has rank below k, the remaining eigenvectors of its Gram matrix are any orthonormal
+    vectors of the null space, chosen by rounding, so their tiny components (about 1e-16 of the top one)
+    differ from one CPU's LAPACK kernels to another's. Below ``2^-24 sigma_1`` a component is under the float32
+    rounding of the top one, so the output is the same best rank-k approximation to float32 precision, and
+    the same bytes everywhere. With balanced factors ``||a_i||^2`` is the i-th singular value.
+    """
+    values = lora_a.double().pow(2).sum(dim=1)
+    if values.numel() == 0:
+        return lora_a, lora_b
+    unresolved = values <= values.max() * 2.0**-24
+    if not bool(unresolved.any()):
+        return lora_a, lora_b
+    keep = (~unresolved).to(lora_a.dtype)
+    return (lora_a * keep[:, None]).contiguous(), (lora_b * keep[None, :]).contiguous()
 
 
 def truncate_dense(matrix: torch.Tensor, rank: int) -> Factors:

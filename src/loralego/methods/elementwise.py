@@ -91,12 +91,27 @@ def merge_task_tensors(job: ModuleJob, combine: Combine) -> ModuleResult:
         space = core_space(job.factors)
         cut = truncate_core(space, combine(space.cores, job.params, generator), job.rank)
         return ModuleResult(cut.lora_a, cut.lora_b, {"space": "core", "kept_energy": cut.kept_energy})
-    updates = (lora_b @ lora_a for lora_a, lora_b in job.factors)  # lazy: one dense update alive at a time
+    updates = (dense_update(lora_a, lora_b) for lora_a, lora_b in job.factors)  # lazy: one alive at a time
     (lora_a, lora_b), found = truncate_dense_certified(combine(updates, job.params, generator), job.rank)
     details: dict[str, object] = {"space": "dense", "dense_route": found.route}
     if found.certificate is not None:
         details["certified_bound"] = found.certificate.output_bound
     return ModuleResult(lora_a, lora_b, details)
+
+
+def dense_update(lora_a: torch.Tensor, lora_b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """``B @ A`` in the factors' dtype, each entry the float64 sum rounded once, by blocks of ``rows`` rows.
+
+    Why float64: a float32 product's last bit depends on the order the BLAS kernel sums the ``r`` terms in, which
+    differs between CPUs (AVX2 and AVX-512 kernels), and the trim, the sign election and the truncation then
+    make that bit visible; products of float32 numbers are exact in float64, so the rounded sum is the same on
+    every machine. The row blocks bound the float64 temporary to ``rows x d_in``.
+    """
+    out = torch.empty(lora_b.shape[0], lora_a.shape[1], dtype=lora_a.dtype, device=lora_a.device)
+    wide_a = lora_a.double()
+    for start in range(0, lora_b.shape[0], rows):
+        out[start : start + rows] = lora_b[start : start + rows].double() @ wide_a
+    return out
 
 
 def _ties(tensors: Iterable[torch.Tensor], params: SignedPruneParams, generator: torch.Generator) -> torch.Tensor:
